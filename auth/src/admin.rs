@@ -1,0 +1,256 @@
+//! Administrative operations that need auth-side rules (secret generation and hashing, spec
+//! validation, rotation requests). Listing and deleting are plain [`crate::store::Store`] calls.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use boundkey_proto::claims::RecoveryMode;
+use boundkey_proto::{JoinMethod, UnixTime};
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+
+use crate::model::{BoundKeypairSpec, Onboarding, RecoverySpec, Token, TokenSpec, TokenStatus};
+
+/// Default lifetime of a `token`-method token.
+pub const TOKEN_DEFAULT_TTL_SECS: u64 = 3600;
+/// Above this, `boundkeyctl` warns.
+pub const TOKEN_WARN_TTL_SECS: u64 = 24 * 3600;
+/// Above this, creation is refused unless forced.
+pub const TOKEN_MAX_TTL_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminError {
+    #[error("invalid name {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
+    InvalidName(String),
+    #[error("invalid initial public key: {0}")]
+    InvalidPublicKey(String),
+    #[error("registration secret must be at least 8 characters")]
+    WeakSecret,
+    #[error("--initial-public-key and --registration-secret are mutually exclusive")]
+    BothOnboardingMethods,
+    #[error("token TTL {0}s is above the 7-day maximum (use --force to allow it)")]
+    TtlTooLong(u64),
+    #[error("max_joins must be at least 1")]
+    ZeroJoins,
+    #[error("token {0} does not use the bound_keypair join method")]
+    NotBoundKeypair(String),
+}
+
+/// Checks a bot or token name. Names appear in certificates, URIs and file names.
+pub fn validate_name(name: &str) -> Result<(), AdminError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::InvalidName(name.into()))
+    }
+}
+
+/// SHA-256 hex of a secret; only hashes of secrets are stored.
+pub fn hash_secret(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// 128 random bits, base64url: what the server generates when the admin chose nothing.
+pub fn random_secret() -> String {
+    let mut b = [0u8; 16];
+    OsRng.fill_bytes(&mut b);
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Request to create a bound-keypair token.
+#[derive(Debug, Clone, Default)]
+pub struct NewBoundKeypairToken {
+    /// Token name; generated when None.
+    pub name: Option<String>,
+    pub bot_name: String,
+    pub initial_public_key: Option<String>,
+    pub registration_secret: Option<String>,
+    pub must_register_before: Option<UnixTime>,
+    pub recovery_limit: Option<u32>,
+    pub recovery_mode: Option<RecoveryMode>,
+    pub expires: Option<UnixTime>,
+}
+
+/// Builds a bound-keypair token. Returns the token and the registration secret to show once
+/// (None when onboarding uses a pre-registered key).
+pub fn new_bound_keypair_token(
+    req: NewBoundKeypairToken,
+    now: UnixTime,
+) -> Result<(Token, Option<String>), AdminError> {
+    validate_name(&req.bot_name)?;
+    let name = match req.name {
+        Some(n) => {
+            validate_name(&n)?;
+            n
+        }
+        None => format!("bk-{}", &hash_secret(&random_secret())[..16]),
+    };
+    if req.initial_public_key.is_some() && req.registration_secret.is_some() {
+        return Err(AdminError::BothOnboardingMethods);
+    }
+    let initial_public_key = match req.initial_public_key {
+        Some(k) => {
+            let pk = boundkey_proto::parse_ssh_public_key(&k)
+                .map_err(|e| AdminError::InvalidPublicKey(e.to_string()))?;
+            Some(boundkey_proto::ssh_public_key(&pk))
+        }
+        None => None,
+    };
+    let secret = match (&initial_public_key, req.registration_secret) {
+        (Some(_), _) => None,
+        (None, Some(s)) if s.chars().count() < 8 => return Err(AdminError::WeakSecret),
+        (None, Some(s)) => Some(s),
+        (None, None) => Some(random_secret()),
+    };
+    let token = Token {
+        name,
+        spec: TokenSpec {
+            bot_name: req.bot_name,
+            join_method: JoinMethod::BoundKeypair,
+            expires: req.expires,
+            bound_keypair: Some(BoundKeypairSpec {
+                onboarding: Onboarding {
+                    initial_public_key,
+                    must_register_before: req.must_register_before,
+                },
+                recovery: RecoverySpec {
+                    limit: req.recovery_limit.unwrap_or(1),
+                    mode: req.recovery_mode.unwrap_or_default(),
+                },
+                rotate_after: None,
+            }),
+            max_joins: None,
+        },
+        status: TokenStatus {
+            registration_secret_hash: secret.as_deref().map(hash_secret),
+            ..TokenStatus::default()
+        },
+        revision: 0,
+        created_at: now,
+    };
+    Ok((token, secret))
+}
+
+/// Builds a `token`-method token. Its name is the hash of the returned secret, which is shown
+/// once and never stored.
+pub fn new_join_token(
+    bot_name: &str,
+    max_joins: Option<u32>,
+    ttl_secs: Option<u64>,
+    force: bool,
+    now: UnixTime,
+) -> Result<(Token, String), AdminError> {
+    validate_name(bot_name)?;
+    let ttl = ttl_secs.unwrap_or(TOKEN_DEFAULT_TTL_SECS);
+    if ttl > TOKEN_MAX_TTL_SECS && !force {
+        return Err(AdminError::TtlTooLong(ttl));
+    }
+    let max_joins = max_joins.unwrap_or(1);
+    if max_joins == 0 {
+        return Err(AdminError::ZeroJoins);
+    }
+    let secret = random_secret();
+    let token = Token {
+        name: hash_secret(&secret),
+        spec: TokenSpec {
+            bot_name: bot_name.into(),
+            join_method: JoinMethod::Token,
+            expires: Some(now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))),
+            bound_keypair: None,
+            max_joins: Some(max_joins),
+        },
+        status: TokenStatus::default(),
+        revision: 0,
+        created_at: now,
+    };
+    Ok((token, secret))
+}
+
+/// Spec change that makes a rotation due at the next join or renewal.
+pub fn request_rotation(token: &Token, now: UnixTime) -> Result<TokenSpec, AdminError> {
+    let mut spec = token.spec.clone();
+    let bk = spec
+        .bound_keypair
+        .as_mut()
+        .ok_or_else(|| AdminError::NotBoundKeypair(token.name.clone()))?;
+    // Strictly after the last rotation, or the rule "later than last_rotated_at" would make a
+    // request in the same second as a rotation a no-op.
+    let after = token.status.last_rotated_at.map_or(now, |l| now.max(l + 1));
+    bk.rotate_after = Some(after);
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_keypair_token_secret_is_generated_and_stored_hashed() {
+        let (t, secret) = new_bound_keypair_token(
+            NewBoundKeypairToken {
+                bot_name: "robot".into(),
+                ..Default::default()
+            },
+            100,
+        )
+        .unwrap();
+        let secret = secret.unwrap();
+        assert!(secret.len() >= 22);
+        assert_eq!(
+            t.status.registration_secret_hash,
+            Some(hash_secret(&secret))
+        );
+        assert!(!serde_json::to_string(&t).unwrap().contains(&secret));
+        assert_eq!(t.spec.bound_keypair.unwrap().recovery.limit, 1);
+    }
+
+    #[test]
+    fn pre_registered_key_path_has_no_secret_and_rejects_bad_keys() {
+        let k = p256::SecretKey::random(&mut OsRng).public_key();
+        let req = NewBoundKeypairToken {
+            bot_name: "robot".into(),
+            initial_public_key: Some(boundkey_proto::ssh_public_key(&k)),
+            ..Default::default()
+        };
+        let (t, secret) = new_bound_keypair_token(req.clone(), 1).unwrap();
+        assert!(secret.is_none() && t.status.registration_secret_hash.is_none());
+        let bad = NewBoundKeypairToken {
+            initial_public_key: Some("ssh-rsa AAAA".into()),
+            ..req.clone()
+        };
+        assert!(matches!(
+            new_bound_keypair_token(bad, 1),
+            Err(AdminError::InvalidPublicKey(_))
+        ));
+        let both = NewBoundKeypairToken {
+            registration_secret: Some("longenough".into()),
+            ..req
+        };
+        assert_eq!(
+            new_bound_keypair_token(both, 1).unwrap_err(),
+            AdminError::BothOnboardingMethods
+        );
+    }
+
+    #[test]
+    fn join_token_ttl_rules() {
+        let (t, s) = new_join_token("robot", None, None, false, 1000).unwrap();
+        assert_eq!(t.name, hash_secret(&s));
+        assert_eq!(t.spec.expires, Some(1000 + 3600));
+        assert_eq!(t.spec.max_joins, Some(1));
+        let week = TOKEN_MAX_TTL_SECS + 1;
+        assert_eq!(
+            new_join_token("robot", None, Some(week), false, 0).unwrap_err(),
+            AdminError::TtlTooLong(week)
+        );
+        assert!(new_join_token("robot", None, Some(week), true, 0).is_ok());
+        assert!(new_join_token("bad name", None, None, false, 0).is_err());
+    }
+}

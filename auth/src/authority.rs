@@ -1,0 +1,665 @@
+//! The auth service's keys: a TLS CA (pinned by agents, signs the listener's certificate), an
+//! identity CA (signs bot certificates; rotatable) and a join-state CA (signs join-state
+//! documents; rotatable).
+//!
+//! Rotation keeps the previous key trusted for a grace period: certificates and documents it
+//! signed keep verifying until then, while everything new is signed by the new key. That is what
+//! lets an agent renew straight through a rotation.
+
+use std::time::Duration;
+
+use boundkey_proto::claims::JoinStateClaims;
+use boundkey_proto::{jws, keys, CaPin, JoinMethod, UnixTime};
+use p256::pkcs8::DecodePrivateKey;
+use rcgen::{
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+
+/// OID of the extension that carries [`IdentityClaims`] in an identity certificate. It sits in
+/// a private, unregistered arc (the convention other private PKIs use for such extensions); it is
+/// only ever read by this service.
+pub const IDENTITY_EXTENSION_OID: &[u64] = &[1, 3, 9999, 4201, 1];
+const IDENTITY_EXTENSION_OID_STR: &str = "1.3.9999.4201.1";
+
+/// Lifetime of the CA certificates themselves.
+const CA_VALIDITY_SECS: i64 = 10 * 365 * 24 * 3600;
+/// Lifetime of the listener's TLS certificate (reissued at every start).
+const SERVER_CERT_VALIDITY_SECS: i64 = 365 * 24 * 3600;
+/// Identity certificates are valid from slightly before issue, for clock skew.
+const NOT_BEFORE_SKEW_SECS: i64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("stored CA key {kid} is unusable: {detail}")]
+    BadKey { kid: String, detail: String },
+    #[error("no active {0} CA key")]
+    NoActiveKey(&'static str),
+    #[error("invalid time")]
+    Time,
+}
+
+/// Why a presented client certificate was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("certificate does not chain to a trusted identity CA: {0}")]
+    Untrusted(String),
+    #[error("certificate is malformed: {0}")]
+    Malformed(String),
+    #[error("certificate lacks the boundkey identity extension")]
+    MissingExtension,
+    #[error("certificate was issued for cluster {0:?}")]
+    WrongCluster(String),
+}
+
+/// Why a join-state document was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JoinStateError {
+    #[error("join state is not a valid JWS: {0}")]
+    Jws(#[from] jws::JwsError),
+    #[error("join state is signed by unknown or retired key {0:?}")]
+    UnknownKey(Option<String>),
+    #[error("join state claims are malformed: {0}")]
+    Claims(String),
+    #[error("join state was issued for another cluster")]
+    WrongCluster,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaKind {
+    Identity,
+    JoinState,
+}
+
+impl core::str::FromStr for CaKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "identity" => Ok(CaKind::Identity),
+            "join-state" | "join_state" => Ok(CaKind::JoinState),
+            o => Err(format!(
+                "unknown CA type {o:?} (expected identity or join-state)"
+            )),
+        }
+    }
+}
+
+/// One CA key as stored. `trusted_until` is None while the key is current; a rotated-out key
+/// keeps verifying until `trusted_until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaKeyState {
+    pub kid: String,
+    /// PKCS#8 PEM.
+    pub key_pem: String,
+    /// Self-signed CA certificate, PEM.
+    pub cert_pem: String,
+    pub created_at: UnixTime,
+    pub active: bool,
+    #[serde(default)]
+    pub trusted_until: Option<UnixTime>,
+}
+
+impl CaKeyState {
+    fn trusted(&self, now: UnixTime) -> bool {
+        self.active || self.trusted_until.is_some_and(|t| now < t)
+    }
+}
+
+/// Everything the auth service persists about its CAs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityState {
+    pub cluster: String,
+    pub tls: CaKeyState,
+    pub identity: Vec<CaKeyState>,
+    pub join_state: Vec<CaKeyState>,
+}
+
+fn offset(t: UnixTime) -> Result<time::OffsetDateTime, AuthorityError> {
+    time::OffsetDateTime::from_unix_timestamp(t).map_err(|_| AuthorityError::Time)
+}
+
+fn new_ca(cluster: &str, purpose: &str, now: UnixTime) -> Result<CaKeyState, AuthorityError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, cluster);
+    dn.push(DnType::CommonName, format!("boundkey {purpose} CA {now}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = offset(now - NOT_BEFORE_SKEW_SECS)?;
+    params.not_after = offset(now + CA_VALIDITY_SECS)?;
+    params.use_authority_key_identifier_extension = false;
+    let cert = params.self_signed(&key)?;
+    let pk = spki_public_key(&key.subject_public_key_info(), "new")?;
+    Ok(CaKeyState {
+        kid: keys::kid(&pk),
+        key_pem: key.serialize_pem(),
+        cert_pem: cert.pem(),
+        created_at: now,
+        active: true,
+        trusted_until: None,
+    })
+}
+
+fn spki_public_key(spki: &[u8], kid: &str) -> Result<p256::PublicKey, AuthorityError> {
+    use p256::pkcs8::DecodePublicKey;
+    p256::PublicKey::from_public_key_der(spki).map_err(|e| AuthorityError::BadKey {
+        kid: kid.into(),
+        detail: e.to_string(),
+    })
+}
+
+impl AuthorityState {
+    /// Fresh CAs for a new cluster.
+    pub fn generate(cluster: &str, now: UnixTime) -> Result<Self, AuthorityError> {
+        Ok(AuthorityState {
+            cluster: cluster.to_string(),
+            tls: new_ca(cluster, "TLS", now)?,
+            identity: vec![new_ca(cluster, "identity", now)?],
+            join_state: vec![new_ca(cluster, "join-state", now)?],
+        })
+    }
+
+    /// Makes a new active key of `kind`; the previous active key stays trusted for `grace_secs`.
+    /// Keys whose grace period has ended are dropped.
+    pub fn rotate(
+        &mut self,
+        kind: CaKind,
+        grace_secs: u64,
+        now: UnixTime,
+    ) -> Result<String, AuthorityError> {
+        let (list, purpose) = match kind {
+            CaKind::Identity => (&mut self.identity, "identity"),
+            CaKind::JoinState => (&mut self.join_state, "join-state"),
+        };
+        let fresh = new_ca(&self.cluster, purpose, now)?;
+        let kid = fresh.kid.clone();
+        let until = now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
+        for k in list.iter_mut().filter(|k| k.active) {
+            k.active = false;
+            k.trusted_until = Some(until);
+        }
+        list.retain(|k| k.trusted(now));
+        list.push(fresh);
+        Ok(kid)
+    }
+
+    /// The pin agents use on first contact: SHA-256 of the TLS CA's SubjectPublicKeyInfo.
+    pub fn ca_pin(&self) -> Result<CaPin, AuthorityError> {
+        let key = KeyPair::from_pem(&self.tls.key_pem)?;
+        Ok(CaPin::of_spki(&key.subject_public_key_info()))
+    }
+}
+
+struct LoadedCa {
+    state: CaKeyState,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+struct LoadedJoinStateKey {
+    state: CaKeyState,
+    signing: p256::ecdsa::SigningKey,
+    public: p256::PublicKey,
+}
+
+/// What goes into an identity certificate's boundkey extension (JSON in a DER UTF8String).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityClaims {
+    pub cluster: String,
+    pub bot_name: String,
+    pub instance_id: String,
+    pub generation: u64,
+    pub join_method: JoinMethod,
+    pub join_token: String,
+}
+
+/// An identity taken from a client certificate that chained to a trusted identity CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedIdentity {
+    pub claims: IdentityClaims,
+    pub public_key: p256::PublicKey,
+    pub not_after: UnixTime,
+}
+
+/// A freshly issued identity certificate.
+#[derive(Debug, Clone)]
+pub struct IssuedIdentity {
+    pub certificate_pem: String,
+    pub not_before: UnixTime,
+    pub expires: UnixTime,
+}
+
+/// Loaded, ready-to-sign CA keys. Built from an [`AuthorityState`]; immutable (rotation builds a
+/// new one), so it can be shared across ceremonies behind an `Arc`.
+pub struct Authority {
+    cluster: String,
+    tls: LoadedCa,
+    identity: Vec<LoadedCa>,
+    join_state: Vec<LoadedJoinStateKey>,
+}
+
+impl std::fmt::Debug for Authority {
+    // Never print key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("cluster", &self.cluster)
+            .field(
+                "identity_kids",
+                &self
+                    .identity
+                    .iter()
+                    .map(|k| &k.state.kid)
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "join_state_kids",
+                &self
+                    .join_state
+                    .iter()
+                    .map(|k| &k.state.kid)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn load_ca(s: &CaKeyState) -> Result<LoadedCa, AuthorityError> {
+    let bad = |d: String| AuthorityError::BadKey {
+        kid: s.kid.clone(),
+        detail: d,
+    };
+    let key = KeyPair::from_pem(&s.key_pem).map_err(|e| bad(e.to_string()))?;
+    let cert_der = CertificateDer::from_pem_slice(s.cert_pem.as_bytes())
+        .map_err(|e| bad(format!("certificate PEM: {e}")))?;
+    let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| bad(e.to_string()))?;
+    Ok(LoadedCa {
+        state: s.clone(),
+        cert_der,
+        issuer,
+    })
+}
+
+fn load_join_state_key(s: &CaKeyState) -> Result<LoadedJoinStateKey, AuthorityError> {
+    let signing = p256::ecdsa::SigningKey::from_pkcs8_pem(&s.key_pem).map_err(|e| {
+        AuthorityError::BadKey {
+            kid: s.kid.clone(),
+            detail: e.to_string(),
+        }
+    })?;
+    let public = p256::PublicKey::from(signing.verifying_key());
+    Ok(LoadedJoinStateKey {
+        state: s.clone(),
+        signing,
+        public,
+    })
+}
+
+use rustls_pki_types::pem::PemObject;
+
+impl Authority {
+    pub fn load(state: &AuthorityState) -> Result<Self, AuthorityError> {
+        Ok(Authority {
+            cluster: state.cluster.clone(),
+            tls: load_ca(&state.tls)?,
+            identity: state
+                .identity
+                .iter()
+                .map(load_ca)
+                .collect::<Result<_, _>>()?,
+            join_state: state
+                .join_state
+                .iter()
+                .map(load_join_state_key)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// PEM of the TLS CA certificate (`DIR/ca.pem`).
+    pub fn tls_ca_pem(&self) -> &str {
+        &self.tls.state.cert_pem
+    }
+
+    /// Issues the listener's certificate for the given DNS names / IP addresses. Returns the
+    /// chain (leaf, TLS CA) as DER and the leaf's PKCS#8 key.
+    pub fn issue_server_cert(
+        &self,
+        names: &[String],
+        now: UnixTime,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), AuthorityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("boundkey auth {}", self.cluster),
+        );
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = offset(now - NOT_BEFORE_SKEW_SECS)?;
+        params.not_after = offset(now + SERVER_CERT_VALIDITY_SECS)?;
+        let cert = params.signed_by(&key, &self.tls.issuer)?;
+        let key_der = PrivatePkcs8KeyDer::from(key.serialize_der());
+        Ok((vec![cert.der().clone(), self.tls.cert_der.clone()], key_der))
+    }
+
+    fn active_identity(&self) -> Result<&LoadedCa, AuthorityError> {
+        self.identity
+            .iter()
+            .rev()
+            .find(|k| k.state.active)
+            .ok_or(AuthorityError::NoActiveKey("identity"))
+    }
+
+    /// Issues a bot identity certificate: SPIFFE-style URI SAN, client and server auth, and the
+    /// boundkey extension naming bot, instance, generation and join token.
+    pub fn issue_identity(
+        &self,
+        claims: &IdentityClaims,
+        public_key: &p256::PublicKey,
+        ttl_secs: u64,
+        now: UnixTime,
+    ) -> Result<IssuedIdentity, AuthorityError> {
+        let ca = self.active_identity()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, self.cluster.as_str());
+        dn.push(DnType::CommonName, claims.bot_name.as_str());
+        params.distinguished_name = dn;
+        let spiffe = format!("spiffe://{}/bot/{}", self.cluster, claims.bot_name);
+        params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let not_before = now - NOT_BEFORE_SKEW_SECS;
+        let expires = now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX));
+        params.not_before = offset(not_before)?;
+        params.not_after = offset(expires)?;
+        let json = serde_json::to_vec(claims).map_err(|_| AuthorityError::Time)?;
+        params
+            .custom_extensions
+            .push(CustomExtension::from_oid_content(
+                IDENTITY_EXTENSION_OID,
+                der_utf8(&json),
+            ));
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(&keys::pkix_der(public_key))?;
+        let cert = params.signed_by(&spki, &ca.issuer)?;
+        Ok(IssuedIdentity {
+            certificate_pem: cert.pem(),
+            not_before,
+            expires,
+        })
+    }
+
+    fn trusted_identity(&self, now: UnixTime) -> impl Iterator<Item = &LoadedCa> {
+        self.identity.iter().filter(move |k| k.state.trusted(now))
+    }
+
+    /// PEM of every identity CA certificate trusted now (several during a rotation).
+    pub fn identity_ca_bundle(&self, now: UnixTime) -> String {
+        self.trusted_identity(now)
+            .map(|k| k.state.cert_pem.as_str())
+            .collect()
+    }
+
+    /// DER of the trusted identity CA certificates, for the TLS layer's client verifier.
+    pub fn identity_roots(&self, now: UnixTime) -> Vec<CertificateDer<'static>> {
+        self.trusted_identity(now)
+            .map(|k| k.cert_der.clone())
+            .collect()
+    }
+
+    /// Verifies a client certificate chain (leaf first) with rustls-webpki against the trusted
+    /// identity CAs and extracts the identity from it.
+    pub fn verify_identity(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<VerifiedIdentity, IdentityError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| IdentityError::Malformed("empty chain".into()))?;
+        let anchors: Vec<_> = self
+            .trusted_identity(now)
+            .filter_map(|k| webpki::anchor_from_trusted_cert(&k.cert_der).ok())
+            .map(|a| a.to_owned())
+            .collect();
+        let ee = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+        let t = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            u64::try_from(now).unwrap_or(0),
+        ));
+        ee.verify_for_usage(
+            &[webpki::ring::ECDSA_P256_SHA256],
+            &anchors,
+            &chain[1..],
+            t,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
+
+        use x509_parser::prelude::*;
+        let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+            .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == IDENTITY_EXTENSION_OID_STR)
+            .ok_or(IdentityError::MissingExtension)?;
+        let json = parse_der_utf8(ext.value).ok_or(IdentityError::MissingExtension)?;
+        let claims: IdentityClaims = serde_json::from_slice(json)
+            .map_err(|e| IdentityError::Malformed(format!("identity extension: {e}")))?;
+        if claims.cluster != self.cluster {
+            return Err(IdentityError::WrongCluster(claims.cluster));
+        }
+        let public_key = spki_public_key(cert.public_key().raw, "client")
+            .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+        Ok(VerifiedIdentity {
+            claims,
+            public_key,
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+
+    fn active_join_state(&self) -> Result<&LoadedJoinStateKey, AuthorityError> {
+        self.join_state
+            .iter()
+            .rev()
+            .find(|k| k.state.active)
+            .ok_or(AuthorityError::NoActiveKey("join-state"))
+    }
+
+    /// Signs a join-state document with the active join-state key.
+    pub fn sign_join_state(&self, claims: &JoinStateClaims) -> Result<String, AuthorityError> {
+        let key = self.active_join_state()?;
+        let payload = serde_json::to_vec(claims).map_err(|_| AuthorityError::Time)?;
+        Ok(jws::sign(&key.signing, Some(&key.state.kid), &payload))
+    }
+
+    /// Checks a join-state document's signature against a join-state key trusted now (matching
+    /// kid) and its issuer/audience. The caller compares the remaining claims with stored state.
+    pub fn verify_join_state(
+        &self,
+        document: &str,
+        now: UnixTime,
+    ) -> Result<JoinStateClaims, JoinStateError> {
+        let parsed = jws::parse(document)?;
+        let kid = parsed.header.kid.clone();
+        let key = self
+            .join_state
+            .iter()
+            .filter(|k| k.state.trusted(now))
+            .find(|k| Some(&k.state.kid) == kid.as_ref())
+            .ok_or(JoinStateError::UnknownKey(kid))?;
+        let payload = parsed.verify(&key.public)?;
+        let claims: JoinStateClaims =
+            serde_json::from_slice(&payload).map_err(|e| JoinStateError::Claims(e.to_string()))?;
+        if claims.iss != self.cluster || claims.aud != self.cluster {
+            return Err(JoinStateError::WrongCluster);
+        }
+        Ok(claims)
+    }
+}
+
+/// DER UTF8String (tag 12) with definite length.
+fn der_utf8(bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x0c];
+    let len = bytes.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else if len <= 0xff {
+        out.extend_from_slice(&[0x81, len as u8]);
+    } else {
+        out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
+    }
+    out.extend_from_slice(bytes);
+    out
+}
+
+fn parse_der_utf8(der: &[u8]) -> Option<&[u8]> {
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x0c {
+        return None;
+    }
+    let (&l0, rest) = rest.split_first()?;
+    let (len, rest) = match l0 {
+        l if l < 0x80 => (usize::from(l), rest),
+        0x81 => (usize::from(*rest.first()?), rest.get(1..)?),
+        0x82 => (
+            usize::from(*rest.first()?) << 8 | usize::from(*rest.get(1)?),
+            rest.get(2..)?,
+        ),
+        _ => return None,
+    };
+    (rest.len() == len).then_some(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: UnixTime = 1_800_000_000;
+
+    fn claims() -> IdentityClaims {
+        IdentityClaims {
+            cluster: "c1".into(),
+            bot_name: "robot".into(),
+            instance_id: "i-1".into(),
+            generation: 3,
+            join_method: JoinMethod::BoundKeypair,
+            join_token: "tok".into(),
+        }
+    }
+
+    fn id_key() -> p256::PublicKey {
+        p256::SecretKey::random(&mut rand_core::OsRng).public_key()
+    }
+
+    fn der_of(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn identity_round_trip() {
+        let st = AuthorityState::generate("c1", NOW).unwrap();
+        let a = Authority::load(&st).unwrap();
+        let k = id_key();
+        let issued = a.issue_identity(&claims(), &k, 600, NOW).unwrap();
+        assert_eq!(issued.expires, NOW + 600);
+        let v = a
+            .verify_identity(&[der_of(&issued.certificate_pem)], NOW + 10)
+            .unwrap();
+        assert_eq!(v.claims, claims());
+        assert_eq!(v.public_key, k);
+        assert_eq!(v.not_after, NOW + 600);
+        // Expired, and from another cluster's CA: refused.
+        assert!(matches!(
+            a.verify_identity(&[der_of(&issued.certificate_pem)], NOW + 601),
+            Err(IdentityError::Untrusted(_))
+        ));
+        let other = Authority::load(&AuthorityState::generate("c1", NOW).unwrap()).unwrap();
+        assert!(matches!(
+            other.verify_identity(&[der_of(&issued.certificate_pem)], NOW),
+            Err(IdentityError::Untrusted(_))
+        ));
+    }
+
+    #[test]
+    fn identity_ca_rotation_keeps_old_certs_valid_for_the_grace_period() {
+        let mut st = AuthorityState::generate("c1", NOW).unwrap();
+        let old = Authority::load(&st).unwrap();
+        let cert = old.issue_identity(&claims(), &id_key(), 7200, NOW).unwrap();
+        st.rotate(CaKind::Identity, 600, NOW + 1).unwrap();
+        let a = Authority::load(&st).unwrap();
+        assert_eq!(a.identity_roots(NOW + 2).len(), 2);
+        assert!(a
+            .verify_identity(&[der_of(&cert.certificate_pem)], NOW + 500)
+            .is_ok());
+        assert!(a
+            .verify_identity(&[der_of(&cert.certificate_pem)], NOW + 700)
+            .is_err());
+        assert_eq!(a.identity_roots(NOW + 700).len(), 1);
+        let fresh = a
+            .issue_identity(&claims(), &id_key(), 7200, NOW + 2)
+            .unwrap();
+        assert!(a
+            .verify_identity(&[der_of(&fresh.certificate_pem)], NOW + 700)
+            .is_ok());
+    }
+
+    #[test]
+    fn join_state_sign_verify_and_rotation() {
+        let mut st = AuthorityState::generate("c1", NOW).unwrap();
+        let a = Authority::load(&st).unwrap();
+        let c = JoinStateClaims {
+            iss: "c1".into(),
+            aud: "c1".into(),
+            sub: "robot".into(),
+            iat: NOW,
+            nbf: NOW,
+            instance_id: "i-1".into(),
+            recovery_sequence: 1,
+            recovery_limit: 1,
+            recovery_mode: Default::default(),
+        };
+        let doc = a.sign_join_state(&c).unwrap();
+        assert_eq!(a.verify_join_state(&doc, NOW).unwrap(), c);
+        st.rotate(CaKind::JoinState, 100, NOW).unwrap();
+        let b = Authority::load(&st).unwrap();
+        assert!(b.verify_join_state(&doc, NOW + 99).is_ok());
+        assert!(matches!(
+            b.verify_join_state(&doc, NOW + 100),
+            Err(JoinStateError::UnknownKey(_))
+        ));
+        let doc2 = b.sign_join_state(&c).unwrap();
+        assert!(b.verify_join_state(&doc2, NOW + 100).is_ok());
+    }
+
+    #[test]
+    fn der_utf8_round_trip_all_length_forms() {
+        for n in [0usize, 5, 127, 128, 255, 256, 4000] {
+            let data = vec![b'a'; n];
+            assert_eq!(parse_der_utf8(&der_utf8(&data)), Some(&data[..]));
+        }
+        assert_eq!(parse_der_utf8(&[0x04, 0x00]), None);
+        assert_eq!(parse_der_utf8(&[0x0c, 0x05, b'a']), None);
+    }
+}

@@ -1,0 +1,52 @@
+//! Auth-side verification for boundkey.
+//!
+//! * [`ceremony`]: the bound-keypair join ceremony as a sans-I/O state machine (feed it client
+//!   messages, it says what to send and, at the end, what to commit).
+//! * [`token_join`]: the simpler `token` join method.
+//! * [`service`]: a thin, transport-agnostic driver that loads what a ceremony needs from a
+//!   [`store::Store`], runs it and commits the outcome. Auth services (the reference
+//!   `boundkey-server`, or a third party's) put their network loop around it.
+//! * [`authority`]: the CAs, identity certificates and join-state documents.
+//! * [`model`]: tokens, bots, bot instances, locks, audit events.
+
+pub mod admin;
+pub mod authority;
+pub mod model;
+pub mod store;
+
+pub use boundkey_proto::UnixTime;
+
+pub mod ceremony;
+pub mod outcome;
+
+/// Certificate lifetime bounds the service enforces on every join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Used when the client asks for 0.
+    pub default_ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    /// As short as 10 s so that expiry and recovery can be exercised in tests.
+    pub min_ttl_secs: u64,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            default_ttl_secs: 3600,
+            max_ttl_secs: 7 * 24 * 3600,
+            min_ttl_secs: 10,
+        }
+    }
+}
+
+impl ServiceConfig {
+    pub fn clamp_ttl(&self, requested: u64) -> u64 {
+        if requested == 0 {
+            return self.default_ttl_secs;
+        }
+        requested.clamp(self.min_ttl_secs, self.max_ttl_secs)
+    }
+}
+pub mod heartbeat;
+pub mod service;
+pub mod token_join;

@@ -1,0 +1,322 @@
+//! The auth-side resources: bots, tokens, bot instances, locks and audit events.
+//!
+//! Specs are what an administrator writes; statuses are what ceremonies write. Every type
+//! serialises with the field names the brief uses, because `boundkeyctl --format json` prints
+//! them and scripts rely on them.
+
+use boundkey_proto::claims::RecoveryMode;
+use boundkey_proto::{JoinMethod, UnixTime};
+use serde::{Deserialize, Serialize};
+
+/// Most recent authentications / heartbeats kept per instance (the initial one is kept apart).
+pub const MAX_RECENT: usize = 10;
+/// An instance outlives its last certificate by this much.
+pub const INSTANCE_EXPIRY_GRACE_SECS: i64 = 5 * 60;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bot {
+    pub name: String,
+    pub created_at: UnixTime,
+}
+
+/// A join token. `revision` changes on every write; ceremonies commit with a compare-and-swap
+/// on it, which is what makes concurrent ceremonies on one token safe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub name: String,
+    pub spec: TokenSpec,
+    pub status: TokenStatus,
+    pub revision: u64,
+    pub created_at: UnixTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSpec {
+    pub bot_name: String,
+    pub join_method: JoinMethod,
+    #[serde(default)]
+    pub expires: Option<UnixTime>,
+    /// Present exactly when `join_method` is `bound_keypair`.
+    #[serde(default)]
+    pub bound_keypair: Option<BoundKeypairSpec>,
+    /// `token` method: how many joins the token allows.
+    #[serde(default)]
+    pub max_joins: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundKeypairSpec {
+    pub onboarding: Onboarding,
+    pub recovery: RecoverySpec,
+    /// A rotation is due when this is set, not in the future, and later than `last_rotated_at`.
+    #[serde(default)]
+    pub rotate_after: Option<UnixTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Onboarding {
+    /// Pre-registered public key (SSH form). When set, the secret path is not used.
+    #[serde(default)]
+    pub initial_public_key: Option<String>,
+    /// Deadline for the registration-secret path only.
+    #[serde(default)]
+    pub must_register_before: Option<UnixTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverySpec {
+    /// Maximum value of `recovery_count` in standard mode.
+    pub limit: u32,
+    pub mode: RecoveryMode,
+}
+
+impl Default for RecoverySpec {
+    fn default() -> Self {
+        RecoverySpec {
+            limit: 1,
+            mode: RecoveryMode::Standard,
+        }
+    }
+}
+
+/// Written only by ceremonies (and token creation). Editing a token's spec never touches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TokenStatus {
+    /// SHA-256 (hex) of the unused registration secret; cleared when used (one use).
+    #[serde(default)]
+    pub registration_secret_hash: Option<String>,
+    /// SSH form.
+    #[serde(default)]
+    pub bound_public_key: Option<String>,
+    #[serde(default)]
+    pub bound_instance_id: Option<String>,
+    #[serde(default)]
+    pub recovery_count: u32,
+    #[serde(default)]
+    pub last_recovered_at: Option<UnixTime>,
+    #[serde(default)]
+    pub last_rotated_at: Option<UnixTime>,
+    /// `token` method: joins so far.
+    #[serde(default)]
+    pub join_count: u32,
+}
+
+impl Token {
+    pub fn is_expired(&self, now: UnixTime) -> bool {
+        self.spec.expires.is_some_and(|e| now >= e)
+    }
+
+    /// Whether the token's `rotate_after` asks for a new bound key now.
+    pub fn rotation_due(&self, now: UnixTime) -> bool {
+        let Some(bk) = &self.spec.bound_keypair else {
+            return false;
+        };
+        match bk.rotate_after {
+            Some(at) if at <= now => self.status.last_rotated_at.is_none_or(|last| at > last),
+            _ => false,
+        }
+    }
+}
+
+/// One running copy of the agent. The spec never changes after creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotInstance {
+    pub spec: InstanceSpec,
+    pub status: InstanceStatus,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub bot_name: String,
+    pub instance_id: String,
+    /// Set on a recovery, from the verified join state.
+    #[serde(default)]
+    pub previous_instance_id: Option<String>,
+    pub join_method: JoinMethod,
+    /// Token name (masked for the `token` method).
+    pub join_token: String,
+    pub created_at: UnixTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Generation of the latest certificate issued to this instance.
+    pub generation: u64,
+    /// Certificate expiry + 5 minutes; extended on each authentication.
+    pub expires: UnixTime,
+    pub initial_authentication: Option<Authentication>,
+    #[serde(default)]
+    pub latest_authentications: Vec<Authentication>,
+    #[serde(default)]
+    pub initial_heartbeat: Option<HeartbeatRecord>,
+    #[serde(default)]
+    pub latest_heartbeats: Vec<HeartbeatRecord>,
+}
+
+impl BotInstance {
+    pub fn is_expired(&self, now: UnixTime) -> bool {
+        now >= self.status.expires
+    }
+
+    /// Records an authentication: the first is kept forever, the recent list is bounded.
+    pub fn record_authentication(&mut self, auth: Authentication) {
+        if self.status.initial_authentication.is_none() {
+            self.status.initial_authentication = Some(auth.clone());
+        }
+        push_bounded(&mut self.status.latest_authentications, auth);
+    }
+
+    pub fn record_heartbeat(&mut self, hb: HeartbeatRecord) {
+        if self.status.initial_heartbeat.is_none() {
+            self.status.initial_heartbeat = Some(hb.clone());
+        }
+        push_bounded(&mut self.status.latest_heartbeats, hb);
+    }
+}
+
+fn push_bounded<T>(v: &mut Vec<T>, item: T) {
+    v.push(item);
+    if v.len() > MAX_RECENT {
+        let excess = v.len() - MAX_RECENT;
+        v.drain(..excess);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authentication {
+    pub authenticated_at: UnixTime,
+    pub join_method: JoinMethod,
+    pub join_token: String,
+    pub generation: u64,
+    /// Identity public key, PEM.
+    pub public_key: String,
+    /// Bound public key (SSH form) that proved this join, bound keypair only.
+    #[serde(default)]
+    pub bound_public_key: Option<String>,
+    pub remote_addr: String,
+}
+
+/// What an agent reported. Shown to operators; never used for a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRecord {
+    pub recorded_at: UnixTime,
+    pub remote_addr: String,
+    #[serde(flatten)]
+    pub heartbeat: boundkey_proto::Heartbeat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockTarget {
+    /// All instances of a bot.
+    Bot(String),
+    BotInstanceId(String),
+    /// A token name.
+    JoinToken(String),
+}
+
+impl LockTarget {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LockTarget::Bot(_) => "bot",
+            LockTarget::BotInstanceId(_) => "bot_instance_id",
+            LockTarget::JoinToken(_) => "join_token",
+        }
+    }
+    pub fn value(&self) -> &str {
+        match self {
+            LockTarget::Bot(v) | LockTarget::BotInstanceId(v) | LockTarget::JoinToken(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    /// Unique. Automatic locks use a name derived from target and cause, so concurrent
+    /// ceremonies that detect the same problem create one lock, not several.
+    pub name: String,
+    pub target: LockTarget,
+    pub message: String,
+    #[serde(default)]
+    pub expires: Option<UnixTime>,
+    pub created_by: String,
+    pub created_at: UnixTime,
+}
+
+impl Lock {
+    pub fn is_active(&self, now: UnixTime) -> bool {
+        self.expires.is_none_or(|e| now < e)
+    }
+}
+
+/// Audit event types.
+pub mod event {
+    pub const BOT_JOIN: &str = "bot.join";
+    pub const RECOVERY: &str = "bound_keypair.recovery";
+    pub const ROTATION: &str = "bound_keypair.rotation";
+    pub const JOIN_STATE_VERIFICATION_FAILED: &str = "bound_keypair.join_state_verification_failed";
+    pub const GENERATION_MISMATCH: &str = "generation_mismatch";
+    pub const LOCK_CREATED: &str = "lock.created";
+    pub const LOCK_DELETED: &str = "lock.deleted";
+    pub const TOKEN_CREATED: &str = "token.created";
+    pub const TOKEN_UPDATED: &str = "token.updated";
+    pub const TOKEN_DELETED: &str = "token.deleted";
+    pub const BOT_CREATED: &str = "bot.created";
+    pub const BOT_DELETED: &str = "bot.deleted";
+    pub const BOT_INSTANCE_DELETED: &str = "bot_instance.deleted";
+    pub const CA_ROTATED: &str = "ca.rotated";
+    pub const HEARTBEAT: &str = "bot_instance.heartbeat";
+}
+
+/// Append-only record. `id` is assigned by the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    #[serde(default)]
+    pub id: u64,
+    pub time: UnixTime,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub success: bool,
+    #[serde(default)]
+    pub remote_addr: Option<String>,
+    #[serde(default)]
+    pub bot_name: Option<String>,
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub token_name: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Event-specific details (new recovery count, old/new public key, lock name, …).
+    #[serde(default)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AuditEvent {
+    pub fn new(kind: &str, time: UnixTime, success: bool) -> Self {
+        AuditEvent {
+            id: 0,
+            time,
+            kind: kind.to_string(),
+            success,
+            remote_addr: None,
+            bot_name: None,
+            instance_id: None,
+            token_name: None,
+            error: None,
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    pub fn field(mut self, k: &str, v: impl Into<serde_json::Value>) -> Self {
+        self.fields.insert(k.to_string(), v.into());
+        self
+    }
+}
+
+/// Masks a secret-derived token name for display and audit (`token` method).
+pub fn mask_token(name: &str) -> String {
+    let head: String = name.chars().take(8).collect();
+    format!("{head}…")
+}

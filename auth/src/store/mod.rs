@@ -1,0 +1,118 @@
+//! The persistence boundary. `boundkey-auth` never opens a database; the auth service implements
+//! [`Store`] (SQLite, PostgreSQL) and the ceremony's outcome reaches it as one [`Commit`].
+
+use boundkey_proto::UnixTime;
+
+use crate::authority::AuthorityState;
+use crate::model::{AuditEvent, Bot, BotInstance, Lock, Token, TokenSpec, TokenStatus};
+
+pub mod memory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compare-and-swap found a different revision: someone else wrote first.
+    #[error("conflict: {0} changed concurrently")]
+    Conflict(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+/// A ceremony's complete set of state changes, applied atomically or not at all.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// Token status written with a compare-and-swap on `expected_revision`. Bound-keypair
+    /// ceremonies always carry one (even when the status is unchanged) so two concurrent
+    /// ceremonies on one token cannot both commit.
+    pub token: Option<TokenWrite>,
+    pub instance: InstanceWrite,
+    pub audit: Vec<AuditEvent>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenWrite {
+    pub name: String,
+    pub expected_revision: u64,
+    pub status: TokenStatus,
+}
+
+#[derive(Debug, Clone)]
+pub enum InstanceWrite {
+    /// Insert; fails with `AlreadyExists` if the id is taken.
+    Create(BotInstance),
+    /// Replace with a compare-and-swap on `expected_revision`.
+    Update {
+        instance: BotInstance,
+        expected_revision: u64,
+    },
+}
+
+/// Filter for audit queries; newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub kind: Option<String>,
+    pub since: Option<UnixTime>,
+    pub limit: Option<usize>,
+}
+
+/// Storage used by the auth service. Implementations must make [`Store::commit`] atomic and
+/// every `expected_revision` check a true compare-and-swap, so several auth service processes
+/// sharing one database stay correct. Revisions are assigned by the store: a successful write
+/// sets the stored revision to `expected_revision + 1` (or 1 on creation).
+pub trait Store: Send + Sync {
+    fn create_bot(&self, bot: &Bot) -> Result<(), StoreError>;
+    fn get_bot(&self, name: &str) -> Result<Option<Bot>, StoreError>;
+    fn list_bots(&self) -> Result<Vec<Bot>, StoreError>;
+    /// Deletes the bot with its tokens and instances. Returns false if it did not exist.
+    fn delete_bot(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Inserts with revision 1; `AlreadyExists` if the name is taken.
+    fn create_token(&self, token: &Token) -> Result<(), StoreError>;
+    fn get_token(&self, name: &str) -> Result<Option<Token>, StoreError>;
+    fn list_tokens(&self) -> Result<Vec<Token>, StoreError>;
+    /// Replaces the spec only (never the status), compare-and-swap on the revision.
+    fn update_token_spec(
+        &self,
+        name: &str,
+        spec: &TokenSpec,
+        expected_revision: u64,
+    ) -> Result<(), StoreError>;
+    fn delete_token(&self, name: &str) -> Result<bool, StoreError>;
+
+    fn get_instance(&self, id: &str) -> Result<Option<BotInstance>, StoreError>;
+    fn list_instances(&self, bot: Option<&str>) -> Result<Vec<BotInstance>, StoreError>;
+    /// Replaces an instance with a compare-and-swap (heartbeats).
+    fn update_instance(
+        &self,
+        instance: &BotInstance,
+        expected_revision: u64,
+    ) -> Result<(), StoreError>;
+    fn delete_instance(&self, id: &str) -> Result<bool, StoreError>;
+    /// Deletes instances whose `expires` is before `cutoff`; returns how many.
+    fn purge_instances(&self, cutoff: UnixTime) -> Result<usize, StoreError>;
+
+    /// Applies a ceremony's changes atomically. `Conflict` if a revision check fails, in which
+    /// case nothing at all was written.
+    fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
+
+    /// Inserts a lock unless one with the same name exists. Returns whether it was inserted.
+    fn add_lock(&self, lock: &Lock) -> Result<bool, StoreError>;
+    fn list_locks(&self) -> Result<Vec<Lock>, StoreError>;
+    fn delete_lock(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Appends; the store assigns increasing ids.
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+    fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// The CA state with its revision, if initialised.
+    fn load_authority(&self) -> Result<Option<(AuthorityState, u64)>, StoreError>;
+    /// Writes the CA state: insert when `expected_revision` is None, else compare-and-swap.
+    fn save_authority(
+        &self,
+        state: &AuthorityState,
+        expected_revision: Option<u64>,
+    ) -> Result<(), StoreError>;
+}

@@ -1,0 +1,68 @@
+//! Hardware abstraction for the bound key.
+//!
+//! A [`KeyStore`] holds named P-256 signing keys. Keys are referenced by name and never exported:
+//! the only operations are create, read the public key, sign a SHA-256 digest, delete and list.
+//! Backends: [`file`] (PKCS#8 PEM, for development and devices without a TPM) and `tpm`
+//! (tss-esapi; keys live in the TPM, only wrapped blobs are stored).
+//!
+//! The signing path uses fixed-size types ([`Digest`], [`Signature`], [`PublicKeyBytes`],
+//! [`KeyName`]) so it does not allocate.
+
+mod config;
+pub mod error;
+pub mod file;
+mod fsutil;
+#[cfg(feature = "tpm")]
+pub mod tpm;
+mod types;
+
+use std::path::Path;
+
+pub use config::{read_secret, tpm_present, Parent, TpmConfig, DEFAULT_TCTI};
+pub use error::HalError;
+pub use file::FileKeyStore;
+#[cfg(feature = "tpm")]
+pub use tpm::TpmKeyStore;
+pub use types::{Backend, Digest, KeyName, PublicKeyBytes, Signature};
+
+/// Opens the key store for `backend` in `dir`.
+///
+/// `tpm` configures the TPM backend (`None` means [`TpmConfig::default`]) and is ignored for the
+/// file backend. Without the `tpm` feature, asking for the TPM backend fails with
+/// [`HalError::TpmUnsupported`].
+pub fn open_store(
+    backend: Backend,
+    dir: &Path,
+    tpm: Option<TpmConfig>,
+) -> Result<Box<dyn KeyStore>, HalError> {
+    match backend {
+        Backend::File => Ok(Box::new(FileKeyStore::open(dir)?)),
+        #[cfg(feature = "tpm")]
+        Backend::Tpm => Ok(Box::new(TpmKeyStore::open(dir, tpm.unwrap_or_default())?)),
+        #[cfg(not(feature = "tpm"))]
+        Backend::Tpm => {
+            let _ = tpm;
+            Err(HalError::TpmUnsupported)
+        }
+    }
+}
+
+/// A store of named, non-exportable P-256 signing keys.
+///
+/// Invariant kept by every implementation: a key name maps to at most one key, a key once created
+/// is never replaced unless it was deleted first, and signatures are ECDSA-P256 over the given
+/// digest in JWS form (r‖s, 32 bytes each, low-S).
+pub trait KeyStore: Send {
+    /// Which backend this is (shown by `boundkeyd status`).
+    fn backend(&self) -> Backend;
+    /// Creates a new key under `name`. Fails with [`HalError::KeyExists`] if one exists.
+    fn create(&mut self, name: &KeyName) -> Result<PublicKeyBytes, HalError>;
+    /// The public key of an existing key.
+    fn public_key(&mut self, name: &KeyName) -> Result<PublicKeyBytes, HalError>;
+    /// Signs a SHA-256 digest computed by the caller.
+    fn sign_digest(&mut self, name: &KeyName, digest: &Digest) -> Result<Signature, HalError>;
+    /// Deletes a key (and any device state for it). Deleting a missing key is not an error.
+    fn delete(&mut self, name: &KeyName) -> Result<(), HalError>;
+    /// Names of all keys in the store, sorted.
+    fn list(&self) -> Result<Vec<KeyName>, HalError>;
+}

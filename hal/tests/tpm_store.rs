@@ -1,0 +1,422 @@
+//! TPM backend against a real software TPM (one swtpm process per test).
+
+#![cfg(feature = "tpm")]
+
+mod common;
+
+use std::path::Path;
+
+use boundkey_hal::tpm::KeyBlob;
+use boundkey_hal::{
+    open_store, Backend, Digest, HalError, KeyName, KeyStore, Parent, TpmConfig, TpmKeyStore,
+};
+use boundkey_testkit::Swtpm;
+use common::{assert_verifies, mode};
+use zeroize::Zeroizing;
+
+fn name(s: &str) -> KeyName {
+    KeyName::new(s).unwrap()
+}
+
+fn cfg(tpm: &Swtpm) -> TpmConfig {
+    TpmConfig {
+        tcti: tpm.tcti(),
+        ..TpmConfig::default()
+    }
+}
+
+fn store(tpm: &Swtpm, dir: &Path) -> TpmKeyStore {
+    TpmKeyStore::open(dir, cfg(tpm)).unwrap()
+}
+
+fn secret(s: &str) -> Option<Zeroizing<Vec<u8>>> {
+    Some(Zeroizing::new(s.as_bytes().to_vec()))
+}
+
+fn sign_and_verify(store: &mut dyn KeyStore, key: &KeyName, msg: &[u8]) {
+    let pk = store.public_key(key).unwrap();
+    let d = Digest::of(msg);
+    let sig = store.sign_digest(key, &d).unwrap();
+    assert_verifies(&pk, &d, &sig);
+}
+
+#[test]
+fn create_sign_verify() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(&tpm, dir.path());
+    assert_eq!(s.backend(), Backend::Tpm);
+    let pk = s.create(&name("bound")).unwrap();
+    assert_eq!(s.public_key(&name("bound")).unwrap(), pk);
+    for i in 0..8u8 {
+        let d = Digest::of(&[i]);
+        let sig = s.sign_digest(&name("bound"), &d).unwrap();
+        assert_verifies(&pk, &d, &sig);
+    }
+    assert_eq!(s.list().unwrap(), vec![name("bound")]);
+    let err = s.create(&name("bound")).unwrap_err();
+    assert!(matches!(err, HalError::KeyExists(_)), "{err}");
+    assert_eq!(s.public_key(&name("bound")).unwrap(), pk);
+}
+
+#[test]
+fn factory_opens_tpm_backend() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open_store(Backend::Tpm, dir.path(), Some(cfg(&tpm))).unwrap();
+    assert_eq!(s.backend(), Backend::Tpm);
+    s.create(&name("k")).unwrap();
+    sign_and_verify(s.as_mut(), &name("k"), b"m");
+    assert!(dir.path().join("k.tpmkey").exists());
+}
+
+#[test]
+fn key_reloads_from_blob_after_tpm_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let mut tpm = Swtpm::start_in(state.path());
+    let dir = tempfile::tempdir().unwrap();
+    let pk = store(&tpm, dir.path()).create(&name("k")).unwrap();
+    // A reset drops every transient object and session: only the blob and the seed remain.
+    tpm.restart();
+    let mut s = store(&tpm, dir.path());
+    assert_eq!(s.public_key(&name("k")).unwrap(), pk);
+    sign_and_verify(&mut s, &name("k"), b"after reset");
+    // A new process on the same state (what a reboot looks like).
+    drop(s);
+    drop(tpm);
+    let tpm = Swtpm::start_in(state.path());
+    let mut s = store(&tpm, dir.path());
+    sign_and_verify(&mut s, &name("k"), b"after reboot");
+}
+
+#[test]
+fn blob_from_another_tpm_is_key_corrupt() {
+    let tpm_a = Swtpm::start();
+    let tpm_b = Swtpm::start(); // different state dir, so different seeds
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    store(&tpm_a, dir_a.path()).create(&name("k")).unwrap();
+    std::fs::copy(dir_a.path().join("k.tpmkey"), dir_b.path().join("k.tpmkey")).unwrap();
+
+    let mut b = store(&tpm_b, dir_b.path());
+    let err = b.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
+    eprintln!("foreign blob: {err}");
+    match &err {
+        HalError::KeyCorrupt { name, detail } => {
+            assert_eq!(name, "k");
+            let path = dir_b.path().join("k.tpmkey");
+            assert!(detail.contains(&path.display().to_string()), "{err}");
+        }
+        other => panic!("expected KeyCorrupt, got {other:?} ({other})"),
+    }
+    // The refusal flushed what it loaded and kept the connection usable.
+    assert_eq!(b.transient_objects().unwrap(), 0);
+    b.create(&name("own")).unwrap();
+    sign_and_verify(&mut b, &name("own"), b"still works");
+}
+
+#[test]
+fn damaged_key_file_is_key_corrupt_naming_the_file() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(&tpm, dir.path());
+    s.create(&name("k")).unwrap();
+    let path = dir.path().join("k.tpmkey");
+    let good = std::fs::read(&path).unwrap();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x55; // inside the wrapped private area: only the TPM can tell
+    let mut extra = good.clone();
+    extra.push(0);
+    for damaged in [
+        good[..good.len() - 10].to_vec(),
+        good[..20].to_vec(),
+        b"-----BEGIN PRIVATE KEY-----\n".to_vec(),
+        extra,
+        flipped,
+    ] {
+        std::fs::write(&path, &damaged).unwrap();
+        let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
+        match &err {
+            HalError::KeyCorrupt { name, detail } => {
+                assert_eq!(name, "k");
+                assert!(detail.contains(&path.display().to_string()), "{err}");
+            }
+            other => panic!("expected KeyCorrupt, got {other:?} ({other})"),
+        }
+    }
+    assert_eq!(s.transient_objects().unwrap(), 0);
+}
+
+#[test]
+fn key_is_not_exportable() {
+    let tpm = Swtpm::start();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("keys");
+    let mut s = store(&tpm, &dir);
+    s.create(&name("k")).unwrap();
+
+    // Attributes as the TPM reports them for the loaded object, not as our file claims.
+    let public = s.tpm_public(&name("k")).unwrap();
+    let a = public.object_attributes();
+    assert!(a.fixed_tpm(), "fixedTPM");
+    assert!(a.fixed_parent(), "fixedParent");
+    assert!(a.sensitive_data_origin(), "sensitiveDataOrigin");
+    assert!(a.user_with_auth() && a.sign_encrypt() && !a.decrypt() && !a.restricted());
+
+    // The only thing on disk is the wrapped blob: no PEM, no PKCS#8, no second file.
+    assert_eq!(mode(&dir), 0o700);
+    let entries: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries, vec!["k.tpmkey".to_string()]);
+    let path = dir.join("k.tpmkey");
+    assert_eq!(mode(&path), 0o600);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.starts_with(b"BKTPM1\n"));
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(!contains(b"-----BEGIN"));
+    assert!(!contains(b"PRIVATE KEY"));
+    // PKCS#8 / SEC1 EC private keys carry these OIDs (id-ecPublicKey, prime256v1) in DER.
+    assert!(!contains(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]));
+    assert!(!contains(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]));
+    let blob = KeyBlob::read(&path).unwrap();
+    assert_eq!(blob.parent(), Parent::Template);
+    assert_eq!(blob.public_key(), s.public_key(&name("k")).unwrap());
+}
+
+#[test]
+fn wrong_key_auth_is_auth_failed() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let with_auth = |auth: Option<Zeroizing<Vec<u8>>>| {
+        TpmKeyStore::open(
+            dir.path(),
+            TpmConfig {
+                key_auth: auth,
+                ..cfg(&tpm)
+            },
+        )
+        .unwrap()
+    };
+    with_auth(secret("correct horse"))
+        .create(&name("k"))
+        .unwrap();
+
+    // swtpm locks out after 3 failures: stay at 2.
+    for auth in [secret("battery staple"), None] {
+        let mut s = with_auth(auth);
+        let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
+        match &err {
+            HalError::AuthFailed { what } => assert!(what.contains("key k"), "{err}"),
+            other => panic!("expected AuthFailed, got {other:?} ({other})"),
+        }
+        // The failed signature flushed the parent and the key.
+        assert_eq!(s.transient_objects().unwrap(), 0);
+    }
+    let mut good = with_auth(secret("correct horse"));
+    sign_and_verify(&mut good, &name("k"), b"m");
+}
+
+#[test]
+fn repeated_auth_failures_report_lockout() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let open = |auth: &str| {
+        TpmKeyStore::open(
+            dir.path(),
+            TpmConfig {
+                key_auth: secret(auth),
+                ..cfg(&tpm)
+            },
+        )
+        .unwrap()
+    };
+    open("right").create(&name("k")).unwrap();
+    let mut wrong = open("wrong");
+    let mut lockout = None;
+    for attempt in 0..10 {
+        match wrong.sign_digest(&name("k"), &Digest::of(b"x")) {
+            Err(HalError::AuthFailed { .. }) => {}
+            Err(HalError::Lockout) => {
+                lockout = Some(attempt);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(lockout.is_some(), "never reported Lockout");
+    drop(wrong);
+    // In lockout even the right auth is refused, and the operator is told why.
+    let err = open("right")
+        .sign_digest(&name("k"), &Digest::of(b"x"))
+        .unwrap_err();
+    assert!(matches!(err, HalError::Lockout), "{err:?}");
+}
+
+#[test]
+fn owner_auth_is_used_for_the_primary() {
+    let tpm = Swtpm::start();
+    tpm.run_tpm2_tool("tpm2_changeauth", &["-c", "o", "ownerpass"]);
+    let dir = tempfile::tempdir().unwrap();
+    let err = store(&tpm, dir.path()).create(&name("k")).unwrap_err();
+    eprintln!("no owner auth: {err}");
+    match &err {
+        HalError::AuthFailed { what } => assert!(what.contains("owner"), "{err}"),
+        other => panic!("expected AuthFailed, got {other:?} ({other})"),
+    }
+    let mut s = TpmKeyStore::open(
+        dir.path(),
+        TpmConfig {
+            owner_auth: secret("ownerpass"),
+            ..cfg(&tpm)
+        },
+    )
+    .unwrap();
+    s.create(&name("k")).unwrap();
+    sign_and_verify(&mut s, &name("k"), b"m");
+}
+
+#[test]
+fn tpm_killed_mid_ceremony_then_back() {
+    let mut tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(&tpm, dir.path());
+    s.create(&name("k")).unwrap();
+    sign_and_verify(&mut s, &name("k"), b"before");
+
+    tpm.kill();
+    let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
+    eprintln!("after kill: {err}");
+    assert!(
+        matches!(err, HalError::DeviceLost(_) | HalError::DeviceAbsent { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    // Still gone: reconnecting fails cleanly too.
+    let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
+    eprintln!("still gone: {err}");
+    assert!(err.is_transient(), "{err:?}");
+
+    tpm.restart();
+    // The same store object reconnects and the key still loads.
+    sign_and_verify(&mut s, &name("k"), b"after");
+}
+
+#[test]
+fn absent_tpm_is_device_absent() {
+    let mut tpm = Swtpm::start();
+    let tcti = tpm.tcti();
+    tpm.kill(); // nothing listens on that port now
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TpmKeyStore::open(
+        dir.path(),
+        TpmConfig {
+            tcti,
+            ..TpmConfig::default()
+        },
+    )
+    .unwrap();
+    let err = s.create(&name("k")).unwrap_err();
+    assert!(matches!(err, HalError::DeviceAbsent { .. }), "{err:?}");
+    assert!(!dir.path().join("k.tpmkey").exists());
+
+    let mut s = TpmKeyStore::open(
+        dir.path(),
+        TpmConfig {
+            tcti: "device:/nonexistent/tpmrm0".into(),
+            ..TpmConfig::default()
+        },
+    )
+    .unwrap();
+    let err = s.create(&name("k")).unwrap_err();
+    match &err {
+        HalError::DeviceAbsent { detail, .. } => {
+            assert!(detail.contains("/nonexistent/tpmrm0"), "{err}")
+        }
+        other => panic!("expected DeviceAbsent, got {other:?}"),
+    }
+}
+
+#[test]
+fn persistent_parent_handle() {
+    const SRK: &str = "0x81000001";
+    let tpm = Swtpm::start();
+    let tools = tempfile::tempdir().unwrap();
+    let ctx_file = tools.path().join("srk.ctx");
+    let ctx_file = ctx_file.to_str().unwrap();
+    let provision = || {
+        tpm.run_tpm2_tool(
+            "tpm2_createprimary",
+            &["-C", "o", "-G", "ecc", "-c", ctx_file],
+        );
+        tpm.run_tpm2_tool("tpm2_evictcontrol", &["-C", "o", "-c", ctx_file, SRK]);
+        // Without a resource manager tpm2-tools leaves its transient copy loaded.
+        tpm.run_tpm2_tool("tpm2_flushcontext", &["-t"]);
+    };
+    provision();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TpmKeyStore::open(
+        dir.path(),
+        TpmConfig {
+            parent: Parent::Persistent(0x8100_0001),
+            ..cfg(&tpm)
+        },
+    )
+    .unwrap();
+    s.create(&name("k")).unwrap();
+    sign_and_verify(&mut s, &name("k"), b"m");
+    let blob = KeyBlob::read(&dir.path().join("k.tpmkey")).unwrap();
+    assert_eq!(blob.parent(), Parent::Persistent(0x8100_0001));
+    assert_eq!(s.transient_objects().unwrap(), 0);
+
+    // The key really hangs off that handle: without it, signing fails and says why.
+    s.disconnect(); // swtpm serves one connection at a time
+    tpm.run_tpm2_tool("tpm2_evictcontrol", &["-C", "o", "-c", SRK]);
+    let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
+    eprintln!("parent gone: {err}");
+    assert!(
+        matches!(err, HalError::Tpm { ref detail, .. } if detail.contains("0x81000001")),
+        "{err:?} ({err})"
+    );
+    // The same template under the same seed is the same key: the blob loads again.
+    s.disconnect();
+    provision();
+    sign_and_verify(&mut s, &name("k"), b"again");
+}
+
+#[test]
+fn fifty_signs_leave_no_objects_loaded() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(&tpm, dir.path());
+    let pk = s.create(&name("k")).unwrap();
+    // swtpm has 3 object slots and no resource manager: one leaked handle per call would end
+    // in TPM_RC_OBJECT_MEMORY within two calls.
+    for i in 0..50u32 {
+        let d = Digest::of(&i.to_be_bytes());
+        let sig = s
+            .sign_digest(&name("k"), &d)
+            .unwrap_or_else(|e| panic!("sign #{i}: {e}"));
+        assert_verifies(&pk, &d, &sig);
+    }
+    assert_eq!(s.transient_objects().unwrap(), 0);
+}
+
+#[test]
+fn delete_and_list() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(&tpm, dir.path());
+    s.create(&name("b")).unwrap();
+    s.create(&name("a")).unwrap();
+    std::fs::write(dir.path().join("a.pem"), b"not ours").unwrap();
+    assert_eq!(s.list().unwrap(), vec![name("a"), name("b")]);
+    s.delete(&name("a")).unwrap();
+    s.delete(&name("a")).unwrap();
+    assert_eq!(s.list().unwrap(), vec![name("b")]);
+    let err = s.sign_digest(&name("a"), &Digest::of(b"x")).unwrap_err();
+    assert!(matches!(err, HalError::KeyNotFound(_)), "{err}");
+}

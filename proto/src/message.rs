@@ -1,0 +1,210 @@
+//! Wire messages. Each frame carries one JSON object with `"v"` (the protocol version) and
+//! `"type"` (the message kind); the remaining fields are the variant's. `docs/protocol.md`
+//! documents every field; unknown fields are rejected so a typo never silently drops data.
+
+use serde::{Deserialize, Serialize};
+
+use crate::UnixTime;
+
+/// Messages the agent sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// Opens a bound-keypair ceremony (first join, renewal, recovery).
+    Init(Init),
+    /// Answers a [`ServerMessage::RotationRequest`] with a freshly made public key.
+    RotationResponse(RotationResponse),
+    /// Answers a [`ServerMessage::Challenge`].
+    ChallengeSolution(ChallengeSolution),
+    /// Joins or renews with the `token` join method.
+    TokenJoin(TokenJoin),
+    /// Reports agent facts on an authenticated (mTLS) connection.
+    Heartbeat(Heartbeat),
+}
+
+/// Messages the auth service sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    RotationRequest(RotationRequest),
+    Challenge(Challenge),
+    Result(JoinResult),
+    HeartbeatAck(HeartbeatAck),
+    Error(ErrorMessage),
+}
+
+/// What the agent asks for in its identity certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotParams {
+    /// Standard base64 of the PKIX (SubjectPublicKeyInfo) DER of the identity key (P-256).
+    pub identity_public_key: String,
+    /// Requested certificate lifetime; the server clamps it to its bounds.
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Init {
+    /// Token name.
+    pub token: String,
+    pub params: BotParams,
+    /// One-time registration secret (first join on the secret path only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_secret: Option<String>,
+    /// The join-state document from the previous join, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_state: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationRequest {
+    /// Why a new key is wanted (informational).
+    pub reason: RotationReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationReason {
+    /// Registration-secret onboarding: the device makes its first bound key.
+    Registration,
+    /// The token's `rotate_after` is due.
+    RotationDue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationResponse {
+    /// The new bound public key, SSH `ecdsa-sha2-nistp256 …` form.
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Challenge {
+    /// The key that must sign, SSH form.
+    pub public_key: String,
+    /// JSON text of the challenge claims; sign it byte for byte.
+    pub document: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeSolution {
+    /// Compact JWS (ES256) whose payload is the challenge document verbatim.
+    pub solution: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenJoin {
+    /// The secret token. Required without a client certificate; must be absent on renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub params: BotParams,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinResult {
+    pub bot_name: String,
+    pub instance_id: String,
+    pub generation: u64,
+    /// `bound_keypair` or `token`.
+    pub join_method: String,
+    /// PEM: identity certificate (first) followed by nothing else; the chain ends at a CA in
+    /// `ca_bundle`.
+    pub certificate: String,
+    /// PEM: every identity CA certificate currently trusted (more than one during a rotation).
+    pub ca_bundle: String,
+    pub not_before: UnixTime,
+    pub expires: UnixTime,
+    /// New join-state document (bound keypair only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_state: Option<String>,
+    /// The bound public key now on record, SSH form (bound keypair only). The agent switches its
+    /// active key to the one this names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_public_key: Option<String>,
+}
+
+/// Facts the agent reports about itself. Recorded for operators, never used for decisions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub is_startup: bool,
+    pub version: String,
+    pub hostname: String,
+    pub uptime_secs: u64,
+    pub os: String,
+    pub arch: String,
+    pub one_shot: bool,
+    pub keystore: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatAck {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorMessage {
+    pub code: ErrorCode,
+    /// A generic, human-readable explanation. Details stay in the server log and audit.
+    pub message: String,
+}
+
+/// Error codes. A client decides what to do from the code alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed or unexpected message. Do not retry unchanged.
+    BadRequest,
+    /// The frame's `v` is not supported.
+    UnsupportedVersion,
+    /// Refused: unknown token, wrong secret, failed proof, bad join state, … (generic on purpose).
+    AccessDenied,
+    /// The bot, instance or token is locked. Only sent after the client proved its key.
+    Locked,
+    /// The token has no recoveries left (standard mode). An administrator must raise the limit.
+    RecoveryLimitExceeded,
+    /// Lost a race with a concurrent ceremony on the same token; retry with backoff.
+    Conflict,
+    /// The ceremony took longer than the server's deadline.
+    Timeout,
+    /// Server-side failure; retry with backoff.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed later without operator action.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Conflict | ErrorCode::Timeout | ErrorCode::Internal
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::AccessDenied => "access_denied",
+            ErrorCode::Locked => "locked",
+            ErrorCode::RecoveryLimitExceeded => "recovery_limit_exceeded",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl ServerMessage {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerMessage::Error(ErrorMessage {
+            code,
+            message: message.into(),
+        })
+    }
+}

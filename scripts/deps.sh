@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages boundkey builds and tests with, when missing. Sourced by the
+# other scripts; safe to run on its own.
+set -euo pipefail
+
+BOUNDKEY_DEBIAN_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl time)
+
+boundkey_install_deps() {
+    local missing=()
+    for p in "${BOUNDKEY_DEBIAN_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        return 0
+    fi
+    echo "installing Debian packages: ${missing[*]}" >&2
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${missing[*]}" >&2; return 1; }
+        sudo="sudo"
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    boundkey_install_deps
+fi

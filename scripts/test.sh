@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, checks formatting and lints, builds every binary
+# (the end-to-end tests run the real boundkey-authd, boundkeyctl and boundkeyd) and runs the
+# whole workspace's tests, each swtpm-backed test on its own swtpm and ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+boundkey_install_deps
+
+# libtss2 logs every TPM error response at WARNING; tests provoke many on purpose.
+export TSS2_LOG="${TSS2_LOG:-all+none}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (binaries used by end-to-end tests)"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+cargo test --workspace --locked "$@"
