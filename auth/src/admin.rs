@@ -1,8 +1,6 @@
 //! Administrative operations that need auth-side rules (secret generation and hashing, spec
 //! validation, rotation requests). Listing and deleting are plain [`crate::store::Store`] calls.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{JoinMethod, UnixTime};
 use rand_core::{OsRng, RngCore};
@@ -57,11 +55,13 @@ pub fn hash_secret(secret: &str) -> String {
         .collect()
 }
 
-/// 128 random bits, base64url: what the server generates when the admin chose nothing.
+/// 128 random bits as 32 lowercase hex digits: what the server generates when the admin chose
+/// nothing. Hex, not base64url, so a secret never starts with `-` and can be passed as a
+/// command-line value or put in a URI without escaping.
 pub fn random_secret() -> String {
     let mut b = [0u8; 16];
     OsRng.fill_bytes(&mut b);
-    URL_SAFE_NO_PAD.encode(b)
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Request to create a bound-keypair token.
@@ -202,7 +202,8 @@ mod tests {
         )
         .unwrap();
         let secret = secret.unwrap();
-        assert!(secret.len() >= 22);
+        assert_eq!(secret.len(), 32);
+        assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()), "{secret}");
         assert_eq!(
             t.status.registration_secret_hash,
             Some(hash_secret(&secret))

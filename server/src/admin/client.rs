@@ -1,0 +1,55 @@
+//! Blocking admin client (what `boundkeyctl` uses).
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{AdminError, Request, Response};
+
+/// Longest the client waits for an answer; a CA rotation generates a key, which is quick.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach boundkey-authd at {path}: {source} (is it running with this --data-dir?)"
+    )]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("admin socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("admin socket {path}: malformed response: {detail}")]
+    Malformed { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Server(AdminError),
+}
+
+/// Sends one request and returns the server's result.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+    let io_err = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Malformed {
+        path: socket.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io_err)?;
+    let mut resp = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut resp)
+        .map_err(io_err)?;
+    let resp: Response =
+        serde_json::from_str(resp.trim_end()).map_err(|e| ClientError::Malformed {
+            path: socket.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    resp.into_result().map_err(ClientError::Server)
+}

@@ -1,0 +1,639 @@
+//! Carries out admin requests against the store and the running service. Synchronous (the
+//! store blocks): the socket layer calls it inside `spawn_blocking`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use boundkey_auth::admin::{self as rules, NewBoundKeypairToken};
+use boundkey_auth::authority::{Authority, AuthorityState, CaKind};
+use boundkey_auth::model::{event, AuditEvent, Bot, Lock, LockTarget, Token, TokenSpec};
+use boundkey_auth::service::Service;
+use boundkey_auth::store::{AuditQuery, StoreError};
+use boundkey_auth::UnixTime;
+use boundkey_proto::{CaPin, JoinMethod, JoinUri};
+use serde_json::{json, Value};
+
+use super::{views, AdminError, CaType, ErrorKind, LocksAdd, Request, TokensAdd, TokensEdit};
+
+/// How often a spec edit is retried when a ceremony bumped the token's revision meanwhile.
+const EDIT_ATTEMPTS: usize = 10;
+/// `audit ls` without `--limit`.
+const DEFAULT_AUDIT_LIMIT: usize = 50;
+
+/// Called with the new authority after a CA rotation.
+pub type AuthorityHook = Box<dyn Fn(&Arc<Authority>) + Send + Sync>;
+
+/// What the admin handler needs from the running server.
+pub struct AdminContext {
+    pub service: Service,
+    /// The TLS listener's bound address (default host:port of join URIs).
+    pub listen_addr: SocketAddr,
+    pub ca_pin: CaPin,
+    /// Runs after a CA rotation installed a new authority, to rebuild the TLS client verifier.
+    pub on_authority_change: AuthorityHook,
+}
+
+/// Who is asking (from the socket's peer credentials).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+}
+
+impl Caller {
+    fn label(&self) -> String {
+        format!("admin (uid {})", self.uid)
+    }
+}
+
+pub fn handle(
+    ctx: &AdminContext,
+    caller: Caller,
+    req: Request,
+    now: UnixTime,
+) -> Result<Value, AdminError> {
+    let h = Handler { ctx, caller, now };
+    match req {
+        Request::Info => h.info(),
+        Request::BotsAdd { name } => h.bots_add(&name),
+        Request::BotsLs => h.bots_ls(),
+        Request::BotsRm { name } => h.bots_rm(&name),
+        Request::TokensAdd(r) => h.tokens_add(r),
+        Request::TokensLs { bot } => h.tokens_ls(bot.as_deref()),
+        Request::TokensShow { name } => Ok(views::token(&h.token(&name)?)),
+        Request::TokensEdit(r) => h.tokens_edit(r),
+        Request::TokensRm { name } => h.tokens_rm(&name),
+        Request::RequestRotation { token } => h.request_rotation(&token),
+        Request::InstancesLs { bot } => h.instances_ls(bot.as_deref()),
+        Request::InstancesShow { id } => {
+            let i = h
+                .store()
+                .get_instance(&id)?
+                .ok_or_else(|| AdminError::not_found(format!("bot instance {id} not found")))?;
+            Ok(views::instance(&i, now))
+        }
+        Request::InstancesRm { id } => h.instances_rm(&id),
+        Request::LocksAdd(r) => h.locks_add(r),
+        Request::LocksLs => h.locks_ls(),
+        Request::LocksRm { name } => h.locks_rm(&name),
+        Request::AuditLs { kind, limit, since } => {
+            let events = h.store().list_audit(&AuditQuery {
+                kind,
+                since,
+                limit: Some(limit.unwrap_or(DEFAULT_AUDIT_LIMIT)),
+            })?;
+            Ok(json!(events))
+        }
+        Request::CaRotate {
+            kind,
+            grace_period_secs,
+        } => h.ca_rotate(kind, grace_period_secs),
+    }
+}
+
+struct Handler<'a> {
+    ctx: &'a AdminContext,
+    caller: Caller,
+    now: UnixTime,
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Splits `HOST:PORT` / `[V6]:PORT`.
+fn parse_host_port(s: &str) -> Result<(String, u16), AdminError> {
+    let bad =
+        || AdminError::bad_request(format!("invalid --auth-server {s:?}: expected HOST:PORT"));
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once(']').ok_or_else(bad)?;
+        (h, p.strip_prefix(':').ok_or_else(bad)?)
+    } else {
+        s.rsplit_once(':').ok_or_else(bad)?
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+impl Handler<'_> {
+    fn store(&self) -> &Arc<dyn boundkey_auth::store::Store> {
+        self.ctx.service.store()
+    }
+
+    fn audit(&self, kind: &str) -> AuditEvent {
+        AuditEvent::new(kind, self.now, true).field("created_by", self.caller.label())
+    }
+
+    fn token(&self, name: &str) -> Result<Token, AdminError> {
+        self.store()
+            .get_token(name)?
+            .ok_or_else(|| AdminError::not_found(format!("token {name} not found")))
+    }
+
+    /// Where agents should connect: the listener's address, with a wildcard bind replaced by
+    /// this machine's host name.
+    fn default_server(&self) -> (String, u16) {
+        let a = self.ctx.listen_addr;
+        let host = match a.ip() {
+            ip if ip.is_unspecified() => crate::hostname().unwrap_or_else(|| "localhost".into()),
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => v6.to_string(),
+        };
+        (host, a.port())
+    }
+
+    fn info(&self) -> Result<Value, AdminError> {
+        let (host, port) = self.default_server();
+        Ok(json!({
+            "cluster": self.ctx.service.authority().cluster(),
+            "ca_pin": self.ctx.ca_pin.to_string(),
+            "listen_addr": self.ctx.listen_addr.to_string(),
+            "auth_server": host_port(&host, port),
+            "version": env!("CARGO_PKG_VERSION"),
+        }))
+    }
+
+    fn bots_add(&self, name: &str) -> Result<Value, AdminError> {
+        rules::validate_name(name)?;
+        let bot = Bot {
+            name: name.into(),
+            created_at: self.now,
+        };
+        self.store().create_bot(&bot)?;
+        let mut ev = self.audit(event::BOT_CREATED);
+        ev.bot_name = Some(name.into());
+        self.store().append_audit(&ev)?;
+        Ok(json!(bot))
+    }
+
+    fn bots_ls(&self) -> Result<Value, AdminError> {
+        let bots = self.store().list_bots()?;
+        let tokens = self.store().list_tokens()?;
+        let instances = self.store().list_instances(None)?;
+        Ok(Value::Array(
+            bots.iter()
+                .map(|b| {
+                    let active = instances
+                        .iter()
+                        .filter(|i| i.spec.bot_name == b.name && !i.is_expired(self.now))
+                        .count();
+                    json!({
+                        "name": b.name,
+                        "created_at": b.created_at,
+                        "tokens": tokens.iter().filter(|t| t.spec.bot_name == b.name).count(),
+                        "instances": instances.iter().filter(|i| i.spec.bot_name == b.name).count(),
+                        "active_instances": active,
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    fn bots_rm(&self, name: &str) -> Result<Value, AdminError> {
+        let tokens = self
+            .store()
+            .list_tokens()?
+            .into_iter()
+            .filter(|t| t.spec.bot_name == name)
+            .count();
+        let instances = self.store().list_instances(Some(name))?.len();
+        if !self.store().delete_bot(name)? && tokens == 0 && instances == 0 {
+            return Err(AdminError::not_found(format!("bot {name} not found")));
+        }
+        let mut ev = self
+            .audit(event::BOT_DELETED)
+            .field("tokens_deleted", tokens)
+            .field("instances_deleted", instances);
+        ev.bot_name = Some(name.into());
+        self.store().append_audit(&ev)?;
+        Ok(json!({ "name": name, "tokens_deleted": tokens, "instances_deleted": instances }))
+    }
+
+    fn tokens_add(&self, r: TokensAdd) -> Result<Value, AdminError> {
+        if self.store().get_bot(&r.bot)?.is_none() {
+            return Err(AdminError::not_found(format!(
+                "bot {} not found; create it first with `boundkeyctl bots add {}`",
+                r.bot, r.bot
+            )));
+        }
+        let method = r.join_method.unwrap_or(JoinMethod::BoundKeypair);
+        let (host, port) = match &r.auth_server {
+            Some(s) => parse_host_port(s)?,
+            None => self.default_server(),
+        };
+        let expires_in = |ttl: u64| {
+            self.now
+                .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+        };
+        let (token, secret, uri) = match method {
+            JoinMethod::BoundKeypair => {
+                if r.max_joins.is_some() {
+                    return Err(AdminError::bad_request(
+                        "--max-joins applies to the token join method only",
+                    ));
+                }
+                let (token, secret) = rules::new_bound_keypair_token(
+                    NewBoundKeypairToken {
+                        name: r.name,
+                        bot_name: r.bot.clone(),
+                        initial_public_key: r.initial_public_key,
+                        registration_secret: r.registration_secret,
+                        must_register_before: r.must_register_before,
+                        recovery_limit: r.recovery_limit,
+                        recovery_mode: r.recovery_mode,
+                        expires: r.ttl_secs.map(expires_in),
+                    },
+                    self.now,
+                )?;
+                let uri = JoinUri {
+                    method,
+                    token: token.name.clone(),
+                    registration_secret: secret.clone(),
+                    host,
+                    port,
+                    ca_pin: Some(self.ctx.ca_pin),
+                };
+                (token, secret, uri)
+            }
+            JoinMethod::Token => {
+                let bk_only = [
+                    (r.name.is_some(), "--name"),
+                    (r.initial_public_key.is_some(), "--initial-public-key"),
+                    (r.registration_secret.is_some(), "--registration-secret"),
+                    (r.recovery_limit.is_some(), "--recovery-limit"),
+                    (r.recovery_mode.is_some(), "--recovery-mode"),
+                    (r.must_register_before.is_some(), "--must-register-before"),
+                ];
+                if let Some((_, flag)) = bk_only.iter().find(|(set, _)| *set) {
+                    return Err(AdminError::bad_request(format!(
+                        "{flag} applies to the bound_keypair join method only"
+                    )));
+                }
+                let (token, secret) =
+                    rules::new_join_token(&r.bot, r.max_joins, r.ttl_secs, r.force, self.now)?;
+                let uri = JoinUri {
+                    method,
+                    token: secret.clone(),
+                    registration_secret: None,
+                    host,
+                    port,
+                    ca_pin: Some(self.ctx.ca_pin),
+                };
+                (token, Some(secret), uri)
+            }
+        };
+        self.store().create_token(&token)?;
+        let mut ev = self
+            .audit(event::TOKEN_CREATED)
+            .field("join_method", method.as_str());
+        ev.bot_name = Some(token.spec.bot_name.clone());
+        ev.token_name = Some(match method {
+            JoinMethod::Token => boundkey_auth::model::mask_token(&token.name),
+            JoinMethod::BoundKeypair => token.name.clone(),
+        });
+        self.store().append_audit(&ev)?;
+        let mut out = json!({
+            "name": token.name,
+            "bot_name": token.spec.bot_name,
+            "join_method": method,
+            "expires": token.spec.expires,
+            "join_uri": uri.to_string(),
+        });
+        match method {
+            JoinMethod::BoundKeypair => {
+                out["registration_secret"] = json!(secret);
+                out["initial_public_key"] = json!(token
+                    .spec
+                    .bound_keypair
+                    .as_ref()
+                    .and_then(|b| b.onboarding.initial_public_key.clone()));
+                out["must_register_before"] = json!(token
+                    .spec
+                    .bound_keypair
+                    .as_ref()
+                    .and_then(|b| b.onboarding.must_register_before));
+            }
+            JoinMethod::Token => {
+                out["token"] = json!(secret);
+                out["max_joins"] = json!(token.spec.max_joins);
+            }
+        }
+        Ok(out)
+    }
+
+    fn tokens_ls(&self, bot: Option<&str>) -> Result<Value, AdminError> {
+        Ok(Value::Array(
+            self.store()
+                .list_tokens()?
+                .iter()
+                .filter(|t| bot.is_none_or(|b| t.spec.bot_name == b))
+                .map(views::token)
+                .collect(),
+        ))
+    }
+
+    /// Applies `change` to the token's spec with a compare-and-swap, retrying when a ceremony
+    /// committed in between (its status write bumps the revision; the spec edit is still valid).
+    fn edit_spec(
+        &self,
+        name: &str,
+        change: impl Fn(&Token) -> Result<TokenSpec, AdminError>,
+    ) -> Result<Token, AdminError> {
+        for _ in 0..EDIT_ATTEMPTS {
+            let t = self.token(name)?;
+            let spec = change(&t)?;
+            match self.store().update_token_spec(name, &spec, t.revision) {
+                Ok(()) => return self.token(name),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(AdminError::new(
+            ErrorKind::Conflict,
+            format!("token {name} kept changing concurrently; retry"),
+        ))
+    }
+
+    fn tokens_edit(&self, r: TokensEdit) -> Result<Value, AdminError> {
+        let initial_key = match &r.initial_public_key {
+            Some(Some(k)) => Some(Some(
+                boundkey_proto::parse_ssh_public_key(k)
+                    .map(|pk| boundkey_proto::ssh_public_key(&pk))
+                    .map_err(|e| {
+                        AdminError::bad_request(format!("invalid initial public key: {e}"))
+                    })?,
+            )),
+            other => other.clone(),
+        };
+        let mut changed: Vec<&str> = Vec::new();
+        let bk_fields = [
+            (r.recovery_limit.is_some(), "recovery_limit"),
+            (r.recovery_mode.is_some(), "recovery_mode"),
+            (r.must_register_before.is_some(), "must_register_before"),
+            (initial_key.is_some(), "initial_public_key"),
+        ];
+        changed.extend(bk_fields.iter().filter(|(s, _)| *s).map(|(_, n)| *n));
+        if r.expires.is_some() {
+            changed.push("expires");
+        }
+        if r.max_joins.is_some() {
+            changed.push("max_joins");
+        }
+        if changed.is_empty() {
+            return Err(AdminError::bad_request("nothing to change"));
+        }
+        let t = self.edit_spec(&r.name, |t| {
+            let mut spec = t.spec.clone();
+            if let Some(e) = r.expires {
+                spec.expires = e;
+            }
+            match (spec.join_method, spec.bound_keypair.as_mut()) {
+                (JoinMethod::BoundKeypair, Some(bk)) => {
+                    if r.max_joins.is_some() {
+                        return Err(AdminError::bad_request(
+                            "max_joins applies to the token join method only",
+                        ));
+                    }
+                    if let Some(l) = r.recovery_limit {
+                        bk.recovery.limit = l;
+                    }
+                    if let Some(m) = r.recovery_mode {
+                        bk.recovery.mode = m;
+                    }
+                    if let Some(m) = r.must_register_before {
+                        bk.onboarding.must_register_before = m;
+                    }
+                    if let Some(k) = &initial_key {
+                        bk.onboarding.initial_public_key = k.clone();
+                    }
+                }
+                _ => {
+                    if let Some((_, f)) = bk_fields.iter().find(|(s, _)| *s) {
+                        return Err(AdminError::bad_request(format!(
+                            "{f} applies to the bound_keypair join method only"
+                        )));
+                    }
+                    if let Some(m) = r.max_joins {
+                        if m == 0 {
+                            return Err(AdminError::bad_request("max_joins must be at least 1"));
+                        }
+                        spec.max_joins = Some(m);
+                    }
+                }
+            }
+            Ok(spec)
+        })?;
+        let mut ev = self
+            .audit(event::TOKEN_UPDATED)
+            .field("changed", json!(changed));
+        ev.bot_name = Some(t.spec.bot_name.clone());
+        ev.token_name = Some(t.name.clone());
+        self.store().append_audit(&ev)?;
+        Ok(views::token(&t))
+    }
+
+    fn tokens_rm(&self, name: &str) -> Result<Value, AdminError> {
+        let t = self.token(name)?;
+        if !self.store().delete_token(name)? {
+            return Err(AdminError::not_found(format!("token {name} not found")));
+        }
+        let mut ev = self.audit(event::TOKEN_DELETED);
+        ev.bot_name = Some(t.spec.bot_name);
+        ev.token_name = Some(match t.spec.join_method {
+            JoinMethod::Token => boundkey_auth::model::mask_token(name),
+            JoinMethod::BoundKeypair => name.into(),
+        });
+        self.store().append_audit(&ev)?;
+        Ok(json!({ "name": name }))
+    }
+
+    fn request_rotation(&self, name: &str) -> Result<Value, AdminError> {
+        let t = self.edit_spec(name, |t| Ok(rules::request_rotation(t, self.now)?))?;
+        let rotate_after = t.spec.bound_keypair.as_ref().and_then(|b| b.rotate_after);
+        let mut ev = self
+            .audit(event::TOKEN_UPDATED)
+            .field("changed", json!(["rotate_after"]))
+            .field("rotate_after", json!(rotate_after));
+        ev.bot_name = Some(t.spec.bot_name.clone());
+        ev.token_name = Some(t.name.clone());
+        self.store().append_audit(&ev)?;
+        Ok(views::token(&t))
+    }
+
+    fn instances_ls(&self, bot: Option<&str>) -> Result<Value, AdminError> {
+        Ok(Value::Array(
+            self.store()
+                .list_instances(bot)?
+                .iter()
+                .map(|i| views::instance(i, self.now))
+                .collect(),
+        ))
+    }
+
+    fn instances_rm(&self, id: &str) -> Result<Value, AdminError> {
+        let i = self
+            .store()
+            .get_instance(id)?
+            .ok_or_else(|| AdminError::not_found(format!("bot instance {id} not found")))?;
+        if !self.store().delete_instance(id)? {
+            return Err(AdminError::not_found(format!(
+                "bot instance {id} not found"
+            )));
+        }
+        let mut ev = self.audit(event::BOT_INSTANCE_DELETED);
+        ev.bot_name = Some(i.spec.bot_name);
+        ev.instance_id = Some(id.into());
+        self.store().append_audit(&ev)?;
+        Ok(json!({ "instance_id": id }))
+    }
+
+    fn locks_add(&self, r: LocksAdd) -> Result<Value, AdminError> {
+        if r.target.value().is_empty() {
+            return Err(AdminError::bad_request("lock target is empty"));
+        }
+        let name = match r.name {
+            Some(n) => {
+                rules::validate_name(&n)?;
+                n
+            }
+            None => format!("admin-{}", uuid::Uuid::new_v4().simple()),
+        };
+        let lock = Lock {
+            name,
+            message: r
+                .message
+                .unwrap_or_else(|| format!("locked by {}", self.caller.label())),
+            expires: r.ttl_secs.map(|t| {
+                self.now
+                    .saturating_add(i64::try_from(t).unwrap_or(i64::MAX))
+            }),
+            created_by: self.caller.label(),
+            created_at: self.now,
+            target: r.target,
+        };
+        if !self.store().add_lock(&lock)? {
+            return Err(AdminError::new(
+                ErrorKind::AlreadyExists,
+                format!("lock {} already exists", lock.name),
+            ));
+        }
+        let mut ev = self
+            .audit(event::LOCK_CREATED)
+            .field("lock", lock.name.clone())
+            .field("target", lock.target.kind())
+            .field("target_value", lock.target.value())
+            .field("message", lock.message.clone())
+            .field("expires", json!(lock.expires));
+        match &lock.target {
+            LockTarget::Bot(b) => ev.bot_name = Some(b.clone()),
+            LockTarget::BotInstanceId(i) => ev.instance_id = Some(i.clone()),
+            LockTarget::JoinToken(t) => ev.token_name = Some(t.clone()),
+        }
+        self.store().append_audit(&ev)?;
+        Ok(views::lock(&lock, self.now))
+    }
+
+    fn locks_ls(&self) -> Result<Value, AdminError> {
+        Ok(Value::Array(
+            self.store()
+                .list_locks()?
+                .iter()
+                .map(|l| views::lock(l, self.now))
+                .collect(),
+        ))
+    }
+
+    fn locks_rm(&self, name: &str) -> Result<Value, AdminError> {
+        let lock = self
+            .store()
+            .list_locks()?
+            .into_iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| AdminError::not_found(format!("lock {name} not found")))?;
+        if !self.store().delete_lock(name)? {
+            return Err(AdminError::not_found(format!("lock {name} not found")));
+        }
+        let ev = self
+            .audit(event::LOCK_DELETED)
+            .field("lock", name)
+            .field("target", lock.target.kind())
+            .field("target_value", lock.target.value());
+        self.store().append_audit(&ev)?;
+        Ok(json!({ "name": name }))
+    }
+
+    fn ca_rotate(&self, kind: CaType, grace: u64) -> Result<Value, AdminError> {
+        let (mut state, rev): (AuthorityState, u64) = self
+            .store()
+            .load_authority()?
+            .ok_or_else(|| AdminError::internal("the store holds no CA state"))?;
+        let ca_kind = match kind {
+            CaType::Identity => CaKind::Identity,
+            CaType::JoinState => CaKind::JoinState,
+        };
+        let kid = state
+            .rotate(ca_kind, grace, self.now)
+            .map_err(|e| AdminError::internal(format!("CA rotation failed: {e}")))?;
+        let authority = Arc::new(
+            Authority::load(&state)
+                .map_err(|e| AdminError::internal(format!("rotated CA state is unusable: {e}")))?,
+        );
+        // Persist first: if the CAS fails, nothing changed anywhere.
+        self.store()
+            .save_authority(&state, Some(rev))
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => AdminError::new(
+                    ErrorKind::Conflict,
+                    "the CA state changed concurrently; retry",
+                ),
+                e => e.into(),
+            })?;
+        self.ctx.service.replace_authority(authority.clone());
+        (self.ctx.on_authority_change)(&authority);
+        let type_str = match kind {
+            CaType::Identity => "identity",
+            CaType::JoinState => "join_state",
+        };
+        let trusted_until = self
+            .now
+            .saturating_add(i64::try_from(grace).unwrap_or(i64::MAX));
+        let ev = self
+            .audit(event::CA_ROTATED)
+            .field("type", type_str)
+            .field("kid", kid.clone())
+            .field("grace_period_secs", grace)
+            .field("previous_trusted_until", trusted_until);
+        self.store().append_audit(&ev)?;
+        tracing::info!(r#type = type_str, %kid, grace_secs = grace, "CA rotated");
+        Ok(json!({
+            "type": type_str,
+            "kid": kid,
+            "grace_period_secs": grace,
+            "previous_trusted_until": trusted_until,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(
+            parse_host_port("a.example:3025").unwrap(),
+            ("a.example".into(), 3025)
+        );
+        assert_eq!(parse_host_port("[::1]:1").unwrap(), ("::1".into(), 1));
+        assert!(parse_host_port("a.example").is_err());
+        assert!(parse_host_port(":5").is_err());
+        assert!(parse_host_port("h:0").is_err());
+        assert!(parse_host_port("[::1]").is_err());
+    }
+}

@@ -1,0 +1,350 @@
+//! `boundkey-authd start`: data directory, store, CAs, TLS listener, admin socket, housekeeping.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boundkey_auth::authority::{Authority, AuthorityState};
+use boundkey_auth::service::Service;
+use boundkey_auth::store::{Store, StoreError};
+use boundkey_auth::ServiceConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::handler::AdminContext;
+use crate::admin::{self, socket};
+use crate::listener::{self, ListenerConfig};
+use crate::store::{OpenStoreError, StorageUrl, StorageUrlError};
+use crate::tls::{self, ReloadableClientVerifier, TlsError};
+
+/// How often the client verifier is rebuilt even without a rotation: a grace period ending
+/// must drop the old identity CA from the trust store.
+const VERIFIER_REFRESH: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    pub cluster: String,
+    pub storage: Option<String>,
+    pub tls_names: Vec<String>,
+    pub ceremony_timeout: Duration,
+    pub max_connections: usize,
+    pub instance_retention: Duration,
+    pub purge_interval: Duration,
+    pub service: ServiceConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: io::Error },
+    #[error("another boundkey-authd is already running with data directory {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("invalid --cluster {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
+    ClusterName(String),
+    #[error(transparent)]
+    StorageUrl(#[from] StorageUrlError),
+    #[error(transparent)]
+    OpenStore(#[from] OpenStoreError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error(
+        "data directory {dir} belongs to cluster {stored:?}, not {requested:?} \
+         (use --cluster {stored} or another --data-dir)"
+    )]
+    ClusterMismatch {
+        dir: PathBuf,
+        stored: String,
+        requested: String,
+    },
+    #[error("CA state: {0}")]
+    Authority(#[from] boundkey_auth::authority::AuthorityError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot write {path}: {source}")]
+    WriteFile { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+    #[error(transparent)]
+    AdminSocket(#[from] socket::BindError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+fn dir_err(path: &Path) -> impl Fn(io::Error) -> StartError + '_ {
+    move |source| StartError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates the data directory (0700) or tightens an existing one.
+fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(dir_err(dir))?;
+    let meta = std::fs::metadata(dir).map_err(dir_err(dir))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), "data directory was accessible to others; setting mode 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(dir_err(dir))?;
+    }
+    Ok(())
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// Holds an exclusive `flock` on `DIR/authd.lock` for the life of the process, so two servers
+/// never share one data directory (they would fight over the admin socket).
+struct DirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_data_dir(dir: &Path) -> Result<DirLock, StartError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("authd.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(dir_err(dir))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(StartError::AlreadyRunning(dir.to_path_buf()));
+        }
+        return Err(dir_err(dir)(e));
+    }
+    Ok(DirLock(f))
+}
+
+/// Writes via a temporary file and rename, so a reader never sees half a file.
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StartError> {
+    let werr = |source| StartError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(werr)?;
+        f.write_all(data).map_err(werr)?;
+        f.sync_all().map_err(werr)?;
+    }
+    std::fs::rename(&tmp, path).map_err(werr)
+}
+
+fn load_or_create_authority(
+    store: &Arc<dyn Store>,
+    cluster: &str,
+    dir: &Path,
+) -> Result<AuthorityState, StartError> {
+    if let Some((state, _)) = store.load_authority()? {
+        if state.cluster != cluster {
+            return Err(StartError::ClusterMismatch {
+                dir: dir.to_path_buf(),
+                stored: state.cluster,
+                requested: cluster.into(),
+            });
+        }
+        return Ok(state);
+    }
+    let state = AuthorityState::generate(cluster, crate::now())?;
+    match store.save_authority(&state, None) {
+        Ok(()) => {
+            tracing::info!(
+                cluster,
+                "first start: created the TLS, identity and join-state CAs"
+            );
+            Ok(state)
+        }
+        // Another process sharing the database initialised it first: use theirs.
+        Err(StoreError::AlreadyExists(_)) => load_or_create_authority(store, cluster, dir),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn tls_names(extra: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
+    names.extend(crate::hostname());
+    for n in extra {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    names
+}
+
+/// Installs the handlers now (not when first awaited), so a SIGTERM that arrives right after
+/// the start-up summary is printed still means a clean shutdown rather than the default kill.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>, StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
+
+/// Runs the server until SIGTERM/SIGINT. `out` receives the start-up summary lines.
+pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError> {
+    admin_validate_cluster(&opts.cluster)?;
+    prepare_data_dir(&opts.data_dir)?;
+    // Absolute, so the printed paths and hints work from any working directory.
+    let dir = std::fs::canonicalize(&opts.data_dir).map_err(dir_err(&opts.data_dir))?;
+    let _dir_lock = lock_data_dir(&dir)?;
+
+    let storage = match &opts.storage {
+        Some(s) => StorageUrl::parse(s)?,
+        None => StorageUrl::default_for(&dir),
+    };
+    let store = {
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || storage.open())
+            .await
+            .map_err(|e| StartError::Store(StoreError::Backend(e.to_string())))??
+    };
+    tracing::info!(%storage, "store opened");
+    let state = {
+        let (store, cluster, dir) = (store.clone(), opts.cluster.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || load_or_create_authority(&store, &cluster, &dir))
+            .await
+            .map_err(|e| StartError::Store(StoreError::Backend(e.to_string())))??
+    };
+    let ca_pin = state.ca_pin()?;
+    let authority = Arc::new(Authority::load(&state)?);
+    let ca_path = dir.join("ca.pem");
+    write_atomic(&ca_path, authority.tls_ca_pem().as_bytes(), 0o644)?;
+
+    let provider = tls::provider();
+    let verifier = ReloadableClientVerifier::new(provider.clone(), &authority, crate::now())?;
+    let names = tls_names(&opts.tls_names);
+    let tls_config =
+        tls::server_config(provider, &authority, &names, verifier.clone(), crate::now())?;
+    let service = Service::new(store.clone(), authority, opts.service);
+
+    let tcp = TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: opts.listen.clone(),
+            source,
+        })?;
+    let listen_addr: SocketAddr = tcp.local_addr().map_err(|source| StartError::Listen {
+        addr: opts.listen.clone(),
+        source,
+    })?;
+    let socket_path = dir.join(admin::SOCKET_NAME);
+    let admin_listener = socket::bind(&socket_path)?;
+    let signal = shutdown_signal()?;
+
+    let admin_ctx = Arc::new(AdminContext {
+        service: service.clone(),
+        listen_addr,
+        ca_pin,
+        on_authority_change: {
+            let verifier = verifier.clone();
+            Box::new(move |a: &Arc<Authority>| verifier.reload(a, crate::now()))
+        },
+    });
+    let admin_task = tokio::spawn(socket::serve(admin_listener, admin_ctx));
+    let refresh_task = tokio::spawn({
+        let (service, verifier) = (service.clone(), verifier.clone());
+        async move {
+            let mut tick = tokio::time::interval(VERIFIER_REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                verifier.reload(&service.authority(), crate::now());
+            }
+        }
+    });
+    let purge_task = tokio::spawn(purge_loop(
+        store.clone(),
+        opts.instance_retention,
+        opts.purge_interval,
+    ));
+
+    let d = dir.display();
+    let summary = format!(
+        "cluster: {cluster}\nca_pin: {ca_pin}\nca_file: {ca}\nlistening: {listen_addr}\n\
+         admin_socket: {sock}\n\
+         create a bot: boundkeyctl --data-dir {d} bots add NAME\n\
+         then a token: boundkeyctl --data-dir {d} tokens add --bot NAME --join-method bound_keypair\n",
+        cluster = opts.cluster,
+        ca = ca_path.display(),
+        sock = socket_path.display(),
+    );
+    // A closed stdout (daemonised without a terminal) must not stop the server.
+    let _ = out.write_all(summary.as_bytes()).and_then(|_| out.flush());
+    tracing::info!(%listen_addr, cluster = %opts.cluster, "boundkey-authd listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let listen_cfg = ListenerConfig {
+        ceremony_timeout: opts.ceremony_timeout,
+        max_connections: opts.max_connections.max(1),
+        drain_timeout: opts.ceremony_timeout + Duration::from_secs(5),
+    };
+    let mut serve = tokio::spawn(listener::run(
+        tcp,
+        TlsAcceptor::from(tls_config),
+        service,
+        listen_cfg,
+        stop_rx,
+    ));
+    tokio::select! {
+        sig = signal => {
+            tracing::info!(signal = sig, "shutting down");
+            let _ = stop_tx.send(true);
+            let _ = (&mut serve).await;
+        }
+        _ = &mut serve => {}
+    }
+    admin_task.abort();
+    refresh_task.abort();
+    purge_task.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn admin_validate_cluster(cluster: &str) -> Result<(), StartError> {
+    boundkey_auth::admin::validate_name(cluster)
+        .map_err(|_| StartError::ClusterName(cluster.into()))
+}
+
+async fn purge_loop(store: Arc<dyn Store>, retention: Duration, every: Duration) {
+    let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let cutoff = crate::now().saturating_sub(retention);
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.purge_instances(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                purged = n,
+                "purged bot instances expired past the retention period"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "purging expired bot instances failed"),
+            Err(e) => tracing::warn!(error = %e, "purge task failed"),
+        }
+    }
+}

@@ -1,0 +1,690 @@
+//! SQLite implementation of [`Store`]: the embedded default.
+//!
+//! Every compare-and-swap is a conditional `UPDATE … WHERE revision = ?` inside an `IMMEDIATE`
+//! transaction, so the semantics hold even if several processes open the same file (SQLite
+//! serialises writers; WAL lets readers proceed meanwhile). Documents are stored as JSON next to
+//! the columns the queries need, so adding a model field needs no migration.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use boundkey_auth::authority::AuthorityState;
+use boundkey_auth::model::{AuditEvent, Bot, BotInstance, Lock, Token, TokenSpec, TokenStatus};
+use boundkey_auth::store::{AuditQuery, Commit, InstanceWrite, Store, StoreError};
+use boundkey_auth::UnixTime;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// How long a writer waits for another writer (another process, or a long transaction) before
+/// giving up with a backend error.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. Never edit
+/// a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "
+    CREATE TABLE bots (
+        name        TEXT PRIMARY KEY NOT NULL,
+        created_at  INTEGER NOT NULL,
+        doc         TEXT NOT NULL
+    );
+    CREATE TABLE tokens (
+        name        TEXT PRIMARY KEY NOT NULL,
+        bot_name    TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        spec        TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        revision    INTEGER NOT NULL
+    );
+    CREATE INDEX tokens_bot ON tokens(bot_name);
+    CREATE TABLE instances (
+        id          TEXT PRIMARY KEY NOT NULL,
+        bot_name    TEXT NOT NULL,
+        expires     INTEGER NOT NULL,
+        doc         TEXT NOT NULL,
+        revision    INTEGER NOT NULL
+    );
+    CREATE INDEX instances_bot ON instances(bot_name);
+    CREATE INDEX instances_expires ON instances(expires);
+    CREATE TABLE locks (
+        name        TEXT PRIMARY KEY NOT NULL,
+        doc         TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        time        INTEGER NOT NULL,
+        type        TEXT NOT NULL,
+        doc         TEXT NOT NULL
+    );
+    CREATE INDEX audit_type ON audit(type, id);
+    CREATE TABLE authority (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        doc         TEXT NOT NULL,
+        revision    INTEGER NOT NULL
+    );
+    ",
+];
+
+/// Why the database could not be opened. Always names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open SQLite database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "{path} is not a usable boundkey SQLite database (corrupt or not a database?): {source}"
+    )]
+    Corrupt {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path} failed SQLite's integrity check (the file is damaged): {detail}")]
+    Damaged { path: PathBuf, detail: String },
+    #[error(
+        "{path} has schema version {found}, newer than this boundkey-authd supports ({supported}); \
+         upgrade boundkey-authd"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Backend(format!("encoding: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s)
+        .map_err(|e| StoreError::Backend(format!("stored {what} is corrupt: {e}")))
+}
+
+fn rev_to_sql(rev: u64) -> Result<i64, StoreError> {
+    i64::try_from(rev).map_err(|_| StoreError::Backend(format!("revision {rev} out of range")))
+}
+
+fn rev_from_sql(rev: i64) -> u64 {
+    // Revisions are written by this code starting at 1 and only ever incremented.
+    u64::try_from(rev).unwrap_or(0)
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation)
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and brings its schema up to date.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = Connection::open(&path).map_err(|source| OpenError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let corrupt = |source| OpenError::Corrupt {
+            path: path.clone(),
+            source,
+        };
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(corrupt)?;
+        // The first statement that reads the file is where a non-database or damaged file
+        // shows up, so it doubles as the corruption check.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode, "SQLite WAL mode unavailable");
+        }
+        // A ceremony's result is sent to the client only after commit; FULL makes that commit
+        // survive power loss, or a device could hold a key the server forgot it bound.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(corrupt)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if check != "ok" {
+            return Err(OpenError::Damaged {
+                path: path.clone(),
+                detail: check,
+            });
+        }
+        let mut conn = conn;
+        migrate(&mut conn, &path)?;
+        Ok(SqliteStore {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Current schema version (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn()?
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| {
+            StoreError::Backend(format!("{}: connection poisoned", self.path.display()))
+        })
+    }
+
+    fn err(&self, e: rusqlite::Error) -> StoreError {
+        StoreError::Backend(format!("{}: {e}", self.path.display()))
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let corrupt = |source| OpenError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    };
+    let supported = MIGRATIONS.len() as i64;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(corrupt)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(corrupt)?;
+    if version > supported {
+        return Err(OpenError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        tx.execute_batch(sql).map_err(corrupt)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(corrupt)?;
+        tracing::info!(path = %path.display(), version = i + 1, "applied schema migration");
+    }
+    tx.commit().map_err(corrupt)
+}
+
+fn read_token(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, String, String, i64)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
+fn token_from_row(
+    (name, created_at, spec, status, revision): (String, i64, String, String, i64),
+) -> Result<Token, StoreError> {
+    Ok(Token {
+        spec: from_json::<TokenSpec>(&format!("token {name} spec"), &spec)?,
+        status: from_json::<TokenStatus>(&format!("token {name} status"), &status)?,
+        name,
+        revision: rev_from_sql(revision),
+        created_at,
+    })
+}
+
+fn instance_from_row(
+    (id, doc, revision): (String, String, i64),
+) -> Result<BotInstance, StoreError> {
+    let mut i: BotInstance = from_json(&format!("bot instance {id}"), &doc)?;
+    i.revision = rev_from_sql(revision);
+    Ok(i)
+}
+
+const TOKEN_COLS: &str = "name, created_at, spec, status, revision";
+
+impl Store for SqliteStore {
+    fn create_bot(&self, bot: &Bot) -> Result<(), StoreError> {
+        let doc = to_json(bot)?;
+        match self.conn()?.execute(
+            "INSERT INTO bots (name, created_at, doc) VALUES (?1, ?2, ?3)",
+            params![bot.name, bot.created_at, doc],
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if is_constraint(&e) => {
+                Err(StoreError::AlreadyExists(format!("bot {}", bot.name)))
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn get_bot(&self, name: &str) -> Result<Option<Bot>, StoreError> {
+        let doc: Option<String> = self
+            .conn()?
+            .query_row("SELECT doc FROM bots WHERE name = ?1", [name], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        doc.map(|d| from_json(&format!("bot {name}"), &d))
+            .transpose()
+    }
+
+    fn list_bots(&self) -> Result<Vec<Bot>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT name, doc FROM bots ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| {
+            let (name, doc) = r.map_err(|e| self.err(e))?;
+            from_json(&format!("bot {name}"), &doc)
+        })
+        .collect()
+    }
+
+    fn delete_bot(&self, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let n = tx
+            .execute("DELETE FROM bots WHERE name = ?1", [name])
+            .map_err(|e| self.err(e))?;
+        tx.execute("DELETE FROM tokens WHERE bot_name = ?1", [name])
+            .map_err(|e| self.err(e))?;
+        tx.execute("DELETE FROM instances WHERE bot_name = ?1", [name])
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    fn create_token(&self, token: &Token) -> Result<(), StoreError> {
+        let spec = to_json(&token.spec)?;
+        let status = to_json(&token.status)?;
+        match self.conn()?.execute(
+            "INSERT INTO tokens (name, bot_name, created_at, spec, status, revision)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+            params![
+                token.name,
+                token.spec.bot_name,
+                token.created_at,
+                spec,
+                status
+            ],
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if is_constraint(&e) => {
+                Err(StoreError::AlreadyExists(format!("token {}", token.name)))
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn get_token(&self, name: &str) -> Result<Option<Token>, StoreError> {
+        let row = self
+            .conn()?
+            .query_row(
+                &format!("SELECT {TOKEN_COLS} FROM tokens WHERE name = ?1"),
+                [name],
+                read_token,
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        row.map(token_from_row).transpose()
+    }
+
+    fn list_tokens(&self) -> Result<Vec<Token>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(&format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY name"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], read_token).map_err(|e| self.err(e))?;
+        rows.map(|r| token_from_row(r.map_err(|e| self.err(e))?))
+            .collect()
+    }
+
+    fn update_token_spec(
+        &self,
+        name: &str,
+        spec: &TokenSpec,
+        expected_revision: u64,
+    ) -> Result<(), StoreError> {
+        let doc = to_json(spec)?;
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        // Only `spec` (and the bot_name column derived from it) is written: a spec edit must
+        // never overwrite status a ceremony committed.
+        let n = tx
+            .execute(
+                "UPDATE tokens SET spec = ?1, bot_name = ?2, revision = revision + 1
+                 WHERE name = ?3 AND revision = ?4",
+                params![doc, spec.bot_name, name, rev_to_sql(expected_revision)?],
+            )
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Err(token_miss(&tx, name).map_err(|e| self.err(e))?);
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()?
+            .execute("DELETE FROM tokens WHERE name = ?1", [name])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    fn get_instance(&self, id: &str) -> Result<Option<BotInstance>, StoreError> {
+        let row = self
+            .conn()?
+            .query_row(
+                "SELECT id, doc, revision FROM instances WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        row.map(instance_from_row).transpose()
+    }
+
+    fn list_instances(&self, bot: Option<&str>) -> Result<Vec<BotInstance>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, doc, revision FROM instances
+                 WHERE ?1 IS NULL OR bot_name = ?1 ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([bot], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| instance_from_row(r.map_err(|e| self.err(e))?))
+            .collect()
+    }
+
+    fn update_instance(
+        &self,
+        instance: &BotInstance,
+        expected_revision: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        update_instance_tx(&tx, instance, expected_revision).map_err(|e| self.map_tx(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn delete_instance(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()?
+            .execute("DELETE FROM instances WHERE id = ?1", [id])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    fn purge_instances(&self, cutoff: UnixTime) -> Result<usize, StoreError> {
+        self.conn()?
+            .execute("DELETE FROM instances WHERE expires < ?1", [cutoff])
+            .map_err(|e| self.err(e))
+    }
+
+    fn commit(&self, c: &Commit) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        // IMMEDIATE takes the write lock up front, so the revision checks below and the writes
+        // that depend on them cannot interleave with another writer. Any early return drops
+        // `tx`, which rolls back: a failed commit writes nothing.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        if let Some(tw) = &c.token {
+            let status = to_json(&tw.status)?;
+            let n = tx
+                .execute(
+                    "UPDATE tokens SET status = ?1, revision = revision + 1
+                     WHERE name = ?2 AND revision = ?3",
+                    params![status, tw.name, rev_to_sql(tw.expected_revision)?],
+                )
+                .map_err(|e| self.err(e))?;
+            if n == 0 {
+                return Err(token_miss(&tx, &tw.name).map_err(|e| self.err(e))?);
+            }
+        }
+        match &c.instance {
+            InstanceWrite::Create(i) => {
+                let mut i = i.clone();
+                i.revision = 1;
+                let doc = to_json(&i)?;
+                match tx.execute(
+                    "INSERT INTO instances (id, bot_name, expires, doc, revision)
+                     VALUES (?1, ?2, ?3, ?4, 1)",
+                    params![i.spec.instance_id, i.spec.bot_name, i.status.expires, doc],
+                ) {
+                    Ok(_) => {}
+                    Err(e) if is_constraint(&e) => {
+                        return Err(StoreError::AlreadyExists(format!(
+                            "bot instance {}",
+                            i.spec.instance_id
+                        )))
+                    }
+                    Err(e) => return Err(self.err(e)),
+                }
+            }
+            InstanceWrite::Update {
+                instance,
+                expected_revision,
+            } => {
+                update_instance_tx(&tx, instance, *expected_revision).map_err(|e| self.map_tx(e))?
+            }
+        }
+        insert_audit(&tx, &c.audit).map_err(|e| self.map_tx(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn add_lock(&self, lock: &Lock) -> Result<bool, StoreError> {
+        let doc = to_json(lock)?;
+        let n = self
+            .conn()?
+            .execute(
+                "INSERT INTO locks (name, doc) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+                params![lock.name, doc],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    fn list_locks(&self) -> Result<Vec<Lock>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT name, doc FROM locks ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| {
+            let (name, doc) = r.map_err(|e| self.err(e))?;
+            from_json(&format!("lock {name}"), &doc)
+        })
+        .collect()
+    }
+
+    fn delete_lock(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()?
+            .execute("DELETE FROM locks WHERE name = ?1", [name])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let conn = self.conn()?;
+        insert_audit(&conn, std::slice::from_ref(event)).map_err(|e| self.map_tx(e))
+    }
+
+    fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let limit = q
+            .limit
+            .map(|l| i64::try_from(l).unwrap_or(i64::MAX))
+            .unwrap_or(-1);
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, doc FROM audit
+                 WHERE (?1 IS NULL OR type = ?1) AND (?2 IS NULL OR time >= ?2)
+                 ORDER BY id DESC LIMIT ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![q.kind, q.since, limit], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| {
+            let (id, doc) = r.map_err(|e| self.err(e))?;
+            let mut ev: AuditEvent = from_json(&format!("audit event {id}"), &doc)?;
+            ev.id = rev_from_sql(id);
+            Ok(ev)
+        })
+        .collect()
+    }
+
+    fn load_authority(&self) -> Result<Option<(AuthorityState, u64)>, StoreError> {
+        let row: Option<(String, i64)> = self
+            .conn()?
+            .query_row(
+                "SELECT doc, revision FROM authority WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        row.map(|(doc, rev)| Ok((from_json("authority", &doc)?, rev_from_sql(rev))))
+            .transpose()
+    }
+
+    fn save_authority(
+        &self,
+        state: &AuthorityState,
+        expected_revision: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let doc = to_json(state)?;
+        let conn = self.conn()?;
+        match expected_revision {
+            None => match conn.execute(
+                "INSERT INTO authority (id, doc, revision) VALUES (1, ?1, 1)",
+                [doc],
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) if is_constraint(&e) => Err(StoreError::AlreadyExists("authority".into())),
+                Err(e) => Err(self.err(e)),
+            },
+            Some(rev) => {
+                let n = conn
+                    .execute(
+                        "UPDATE authority SET doc = ?1, revision = revision + 1
+                         WHERE id = 1 AND revision = ?2",
+                        params![doc, rev_to_sql(rev)?],
+                    )
+                    .map_err(|e| self.err(e))?;
+                if n == 0 {
+                    Err(StoreError::Conflict("authority".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Errors from helpers that run inside a transaction: either a store-level outcome (conflict,
+/// not found) or a database failure still to be tagged with the file name.
+enum TxError {
+    Store(StoreError),
+    Sql(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> Self {
+        TxError::Sql(e)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> Self {
+        TxError::Store(e)
+    }
+}
+
+impl SqliteStore {
+    fn map_tx(&self, e: TxError) -> StoreError {
+        match e {
+            TxError::Store(s) => s,
+            TxError::Sql(e) => self.err(e),
+        }
+    }
+}
+
+/// Distinguishes why a token CAS matched no row.
+fn token_miss(conn: &Connection, name: &str) -> rusqlite::Result<StoreError> {
+    let exists: Option<i64> = conn
+        .query_row("SELECT 1 FROM tokens WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?;
+    Ok(match exists {
+        Some(_) => StoreError::Conflict(format!("token {name}")),
+        None => StoreError::NotFound(format!("token {name}")),
+    })
+}
+
+fn update_instance_tx(
+    conn: &Connection,
+    instance: &BotInstance,
+    expected_revision: u64,
+) -> Result<(), TxError> {
+    let id = &instance.spec.instance_id;
+    let mut i = instance.clone();
+    i.revision = expected_revision + 1;
+    let doc = to_json(&i)?;
+    let n = conn.execute(
+        "UPDATE instances SET doc = ?1, expires = ?2, bot_name = ?3, revision = revision + 1
+         WHERE id = ?4 AND revision = ?5",
+        params![
+            doc,
+            i.status.expires,
+            i.spec.bot_name,
+            id,
+            rev_to_sql(expected_revision)?
+        ],
+    )?;
+    if n == 0 {
+        let exists: Option<i64> = conn
+            .query_row("SELECT 1 FROM instances WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        return Err(match exists {
+            Some(_) => StoreError::Conflict(format!("bot instance {id}")),
+            None => StoreError::NotFound(format!("bot instance {id}")),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), TxError> {
+    let mut stmt =
+        conn.prepare_cached("INSERT INTO audit (time, type, doc) VALUES (?1, ?2, ?3)")?;
+    for ev in events {
+        let doc = to_json(ev)?;
+        stmt.execute(params![ev.time, ev.kind, doc])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,161 @@
+//! TLS for the ceremony listener: TLS 1.3 only, ring provider, the listener certificate from
+//! the service's TLS CA, and optional client certificates checked against the identity CAs.
+//!
+//! The identity CAs change (rotation, and the end of a grace period), so the client verifier is
+//! held behind a lock and swapped; a handshake uses whichever verifier was current when it ran.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use boundkey_auth::authority::Authority;
+use boundkey_auth::UnixTime;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot issue the listener certificate: {0}")]
+    Issue(#[from] boundkey_auth::authority::AuthorityError),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Optional client authentication against the identity CAs, with a replaceable trust store.
+pub struct ReloadableClientVerifier {
+    provider: Arc<CryptoProvider>,
+    inner: RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+impl fmt::Debug for ReloadableClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReloadableClientVerifier")
+    }
+}
+
+fn build_verifier(
+    provider: &Arc<CryptoProvider>,
+    roots: Vec<CertificateDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store.add(r)?;
+    }
+    Ok(
+        WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
+            // A device whose certificate expired while offline must still reach the service
+            // to recover; the ceremony decides what an anonymous client may do.
+            .allow_unauthenticated()
+            .build()?,
+    )
+}
+
+impl ReloadableClientVerifier {
+    pub fn new(
+        provider: Arc<CryptoProvider>,
+        authority: &Authority,
+        now: UnixTime,
+    ) -> Result<Arc<Self>, TlsError> {
+        let inner = build_verifier(&provider, authority.identity_roots(now))?;
+        Ok(Arc::new(ReloadableClientVerifier {
+            provider,
+            inner: RwLock::new(inner),
+        }))
+    }
+
+    /// Rebuilds the trust store from the identity CAs trusted at `now`. On failure the previous
+    /// verifier stays in place (logged): refusing every renewal would be worse.
+    pub fn reload(&self, authority: &Authority, now: UnixTime) {
+        match build_verifier(&self.provider, authority.identity_roots(now)) {
+            Ok(v) => match self.inner.write() {
+                Ok(mut g) => *g = v,
+                Err(p) => *p.into_inner() = v,
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "could not rebuild the client certificate verifier")
+            }
+        }
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        match self.inner.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+impl ClientCertVerifier for ReloadableClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The hints live in the swappable inner verifier and cannot be borrowed from here. An
+        // empty list means "send your certificate if you have one", which is what agents do.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// The listener's TLS configuration: TLS 1.3 only, certificate for `names`.
+pub fn server_config(
+    provider: Arc<CryptoProvider>,
+    authority: &Authority,
+    names: &[String],
+    verifier: Arc<ReloadableClientVerifier>,
+    now: UnixTime,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (chain, key) = authority.issue_server_cert(names, now)?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, PrivateKeyDer::Pkcs8(key))?;
+    Ok(Arc::new(config))
+}
