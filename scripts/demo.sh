@@ -92,8 +92,8 @@ say "boundkeyd status"
 "${AGENT[@]}" status --storage "$WORK/agent"
 say "identity files in $WORK/identity"
 ls -l "$WORK/identity/"
-openssl x509 -in "$WORK/identity/tls.crt" -noout -subject -issuer -dates -ext subjectAltName
-openssl verify -CAfile "$WORK/identity/ca.crt" "$WORK/identity/tls.crt"
+openssl x509 -in "$WORK/identity/cert.pem" -noout -subject -issuer -dates -ext subjectAltName
+openssl verify -CAfile "$WORK/identity/ca.pem" "$WORK/identity/cert.pem"
 
 say "boundkeyctl instances ls"
 "${CTL[@]}" instances ls

@@ -96,7 +96,10 @@ impl Fixture {
         let solution = jws::sign(&self.bound, None, c.document.as_bytes());
         let t1 = Instant::now();
         let action = session.handle(
-            ClientMessage::ChallengeSolution(ChallengeSolution { solution }),
+            ClientMessage::ChallengeSolution(ChallengeSolution {
+                solution,
+                identity_proof: None,
+            }),
             NOW,
         );
         spent += t1.elapsed();

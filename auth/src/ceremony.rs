@@ -33,8 +33,8 @@ use subtle::ConstantTimeEq;
 use crate::admin::hash_secret;
 use crate::authority::{Authority, IdentityClaims, VerifiedIdentity};
 use crate::model::{
-    event, AuditEvent, Authentication, BotInstance, InstanceSpec, InstanceStatus, Lock, LockTarget,
-    Token, INSTANCE_EXPIRY_GRACE_SECS,
+    event, AuditEvent, Authentication, BotInstance, Lock, LockTarget, Token,
+    INSTANCE_EXPIRY_GRACE_SECS,
 };
 use crate::outcome::{messages, Refusal, Step, Success};
 use crate::store::{Commit, InstanceWrite, TokenWrite};
@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub token: Option<Token>,
     /// The instance named by the client certificate, if any.
     pub instance: Option<BotInstance>,
+    /// The token's bound instance, if any (the same as `instance` on an ordinary renewal).
+    pub bound_instance: Option<BotInstance>,
     /// Locks in force now.
     pub locks: Vec<Lock>,
 }
@@ -100,6 +102,7 @@ pub struct Ceremony {
     peer: Peer,
     token: Token,
     instance: Option<BotInstance>,
+    bound_instance: Option<BotInstance>,
     locks: Vec<Lock>,
     case: Case,
     identity_key: p256::PublicKey,
@@ -114,6 +117,10 @@ pub struct Ceremony {
     rotated: bool,
     checks_done: bool,
     verified_join_state: Option<JoinStateClaims>,
+    /// The client signed a challenge with the identity key named in `init`.
+    identity_proven: bool,
+    /// This ceremony repeats one whose result the client lost (see `is_redelivery`).
+    redelivery: bool,
 }
 
 impl Ceremony {
@@ -223,6 +230,9 @@ impl Ceremony {
             (Some(id), Some(inst)) if inst.spec.instance_id == id.claims.instance_id => Some(inst),
             _ => None,
         };
+        let bound_instance = snapshot.bound_instance.filter(|b| {
+            token.status.bound_instance_id.as_deref() == Some(b.spec.instance_id.as_str())
+        });
         let mut c = Ceremony {
             ttl_secs: cfg.clamp_ttl(init.params.ttl_secs),
             cfg,
@@ -230,6 +240,7 @@ impl Ceremony {
             peer,
             token,
             instance,
+            bound_instance,
             locks: snapshot.locks,
             case,
             identity_key,
@@ -241,6 +252,8 @@ impl Ceremony {
             rotated: false,
             checks_done: false,
             verified_join_state: None,
+            identity_proven: false,
+            redelivery: false,
         };
         let step = c.begin(init.registration_secret, now);
         (Some(c), step)
@@ -340,6 +353,14 @@ impl Ceremony {
                         now,
                     );
                 }
+                if let Some(proof) = &s.identity_proof {
+                    if let Err(reason) = check_solution(proof, &self.identity_key, &claims, now) {
+                        let reason = format!("identity proof: {reason}");
+                        let msg = messages::ACCESS_DENIED;
+                        return self.deny(ErrorCode::AccessDenied, msg, &reason, now);
+                    }
+                    self.identity_proven = true;
+                }
                 self.proven(key, replacement, now)
             }
             (Stage::Done, _) => self.deny(
@@ -430,9 +451,12 @@ impl Ceremony {
             return Some(self.deny(ErrorCode::Locked, messages::LOCKED, &reason, now));
         }
 
+        self.redelivery = self.is_redelivery(now);
+
         let bk = self.bk().clone();
         let status = self.token.status.clone();
         if matches!(self.case, Case::FirstJoin | Case::Recovery)
+            && !self.redelivery
             && bk.recovery.mode == RecoveryMode::Standard
             && status.recovery_count >= bk.recovery.limit
         {
@@ -448,7 +472,10 @@ impl Ceremony {
             ));
         }
 
+        // A redelivered recovery checked its (one step old) join state in is_redelivery.
+        let redelivered_recovery = self.redelivery && self.case == Case::Recovery;
         if matches!(self.case, Case::Renewal | Case::Recovery)
+            && !redelivered_recovery
             && bk.recovery.mode != RecoveryMode::Insecure
             && status.recovery_count > 0
         {
@@ -484,7 +511,7 @@ impl Ceremony {
                     now,
                 ));
             };
-            if inst.status.generation != id.claims.generation {
+            if inst.status.generation != id.claims.generation && !self.redelivery {
                 let reason = format!(
                     "generation mismatch: certificate has {}, instance has {}",
                     id.claims.generation, inst.status.generation
@@ -493,6 +520,59 @@ impl Ceremony {
             }
         }
         None
+    }
+
+    /// Whether this ceremony repeats one that committed but whose result the client never
+    /// stored (power loss, dropped connection). It is, when all of these hold:
+    /// * the client proved the bound key and, with `identity_proof`, the identity key it names;
+    /// * that identity key is the one the bound instance's latest certificate was issued for,
+    ///   and the instance shows no sign of that certificate being used since (no heartbeat);
+    /// * what the client presents is exactly one step behind the stored state: on a renewal its
+    ///   certificate is one generation old; on a recovery the bound instance is still at its
+    ///   first generation and the join state names its predecessor with the previous recovery
+    ///   sequence (or is absent after a lost first join).
+    ///
+    /// The identity key is made fresh by the device for each ceremony and never leaves it, so a
+    /// copy of the device's state from before the lost ceremony cannot qualify; it is still
+    /// refused and locked as a clone.
+    fn is_redelivery(&self, now: UnixTime) -> bool {
+        if !self.identity_proven {
+            return false;
+        }
+        let Some(b) = &self.bound_instance else {
+            return false;
+        };
+        let Some(latest) = b.status.latest_authentications.last() else {
+            return false;
+        };
+        let used_since = b
+            .status
+            .latest_heartbeats
+            .iter()
+            .any(|h| h.recorded_at >= latest.authenticated_at);
+        if latest.public_key != public_key_pem(&self.identity_key) || used_since {
+            return false;
+        }
+        let count = self.token.status.recovery_count;
+        match self.case {
+            Case::Renewal => self.peer.identity.as_ref().is_some_and(|id| {
+                id.claims.instance_id == b.spec.instance_id
+                    && id.claims.generation + 1 == b.status.generation
+            }),
+            Case::Recovery if b.status.generation == 1 => {
+                match (&self.join_state, self.bk().recovery.mode) {
+                    (_, RecoveryMode::Insecure) => true,
+                    (None, _) => count == 1 && b.spec.previous_instance_id.is_none(),
+                    (Some(doc), _) => self.authority.verify_join_state(doc, now).is_ok_and(|c| {
+                        c.sub == self.token.spec.bot_name
+                            && c.recovery_sequence + 1 == count
+                            && b.spec.previous_instance_id.as_deref()
+                                == Some(c.instance_id.as_str())
+                    }),
+                }
+            }
+            _ => false,
+        }
     }
 
     fn verify_join_state(&self, doc: &str, now: UnixTime) -> Result<JoinStateClaims, String> {
@@ -528,7 +608,14 @@ impl Ceremony {
             .map(|i| i.claims.instance_id.clone())
             .or_else(|| self.token.status.bound_instance_id.clone());
         ev.field("join_method", JoinMethod::BoundKeypair.as_str())
-            .field("case", self.case.as_str())
+            .field(
+                "case",
+                if self.redelivery {
+                    "redelivery"
+                } else {
+                    self.case.as_str()
+                },
+            )
     }
 
     fn deny(&mut self, code: ErrorCode, msg: &str, reason: &str, now: UnixTime) -> Step {
@@ -599,55 +686,47 @@ impl Ceremony {
         };
         let bk = self.bk().clone();
         let mut status = self.token.status.clone();
-        let consumes_recovery = matches!(self.case, Case::FirstJoin | Case::Recovery);
+        let consumes_recovery =
+            matches!(self.case, Case::FirstJoin | Case::Recovery) && !self.redelivery;
+        // A redelivery continues the bound instance, like a renewal.
+        let continued = match (self.case, self.redelivery) {
+            (Case::Renewal, _) => self.instance.as_ref(),
+            (_, true) => self.bound_instance.as_ref(),
+            _ => None,
+        };
 
-        let (mut instance, write_base): (BotInstance, Option<u64>) =
-            match (&self.case, &self.instance) {
-                (Case::Renewal, Some(inst)) => {
-                    let mut i = inst.clone();
-                    i.status.generation += 1;
-                    (i, Some(inst.revision))
-                }
-                (Case::Renewal, None) => {
-                    return self.deny(
-                        ErrorCode::Internal,
-                        messages::INTERNAL,
-                        "renewal without instance",
-                        now,
-                    )
-                }
-                _ => {
-                    let previous = match self.case {
-                        Case::Recovery => self
-                            .verified_join_state
-                            .as_ref()
-                            .map(|c| c.instance_id.clone()),
-                        _ => None,
-                    };
-                    (
-                        BotInstance {
-                            spec: InstanceSpec {
-                                bot_name: self.token.spec.bot_name.clone(),
-                                instance_id: uuid::Uuid::new_v4().to_string(),
-                                previous_instance_id: previous,
-                                join_method: JoinMethod::BoundKeypair,
-                                join_token: self.token.name.clone(),
-                                created_at: now,
-                            },
-                            status: InstanceStatus {
-                                generation: 1,
-                                expires: now,
-                                initial_authentication: None,
-                                latest_authentications: Vec::new(),
-                                initial_heartbeat: None,
-                                latest_heartbeats: Vec::new(),
-                            },
-                            revision: 0,
-                        },
-                        None,
-                    )
-                }
-            };
+        let (mut instance, write_base): (BotInstance, Option<u64>) = match (&self.case, continued) {
+            (_, Some(inst)) => {
+                let mut i = inst.clone();
+                i.status.generation += 1;
+                (i, Some(inst.revision))
+            }
+            (Case::Renewal, None) => {
+                return self.deny(
+                    ErrorCode::Internal,
+                    messages::INTERNAL,
+                    "renewal without instance",
+                    now,
+                )
+            }
+            _ => {
+                let previous = match self.case {
+                    Case::Recovery => self
+                        .verified_join_state
+                        .as_ref()
+                        .map(|c| c.instance_id.clone()),
+                    _ => None,
+                };
+                let inst = BotInstance::new(
+                    &self.token.spec.bot_name,
+                    JoinMethod::BoundKeypair,
+                    &self.token.name,
+                    previous,
+                    now,
+                );
+                (inst, None)
+            }
+        };
 
         if consumes_recovery {
             status.recovery_count += 1;

@@ -155,6 +155,36 @@ pub struct InstanceStatus {
 }
 
 impl BotInstance {
+    /// A new instance at generation 1 with a fresh UUIDv4, not yet stored. Its expiry is set
+    /// when its first certificate is issued.
+    pub fn new(
+        bot_name: &str,
+        join_method: JoinMethod,
+        join_token: &str,
+        previous_instance_id: Option<String>,
+        now: UnixTime,
+    ) -> Self {
+        BotInstance {
+            spec: InstanceSpec {
+                bot_name: bot_name.to_string(),
+                instance_id: uuid::Uuid::new_v4().to_string(),
+                previous_instance_id,
+                join_method,
+                join_token: join_token.to_string(),
+                created_at: now,
+            },
+            status: InstanceStatus {
+                generation: 1,
+                expires: now,
+                initial_authentication: None,
+                latest_authentications: Vec::new(),
+                initial_heartbeat: None,
+                latest_heartbeats: Vec::new(),
+            },
+            revision: 0,
+        }
+    }
+
     pub fn is_expired(&self, now: UnixTime) -> bool {
         now >= self.status.expires
     }

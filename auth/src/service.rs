@@ -152,9 +152,19 @@ impl Service {
             .collect();
         match first {
             ClientMessage::Init(init) => {
+                let token = store.get_token(&init.token)?;
+                let bound_id = token
+                    .as_ref()
+                    .and_then(|t| t.status.bound_instance_id.clone());
+                let bound_instance = match (bound_id, &instance) {
+                    (Some(id), Some(i)) if i.spec.instance_id == id => Some(i.clone()),
+                    (Some(id), _) => store.get_instance(&id)?,
+                    (None, _) => None,
+                };
                 let snapshot = Snapshot {
-                    token: store.get_token(&init.token)?,
+                    token,
                     instance,
+                    bound_instance,
                     locks,
                 };
                 let (ceremony, step) =
@@ -172,6 +182,7 @@ impl Service {
                 let snapshot = Snapshot {
                     token,
                     instance,
+                    bound_instance: None,
                     locks,
                 };
                 let step =
@@ -182,6 +193,7 @@ impl Service {
                 let snapshot = Snapshot {
                     token: None,
                     instance,
+                    bound_instance: None,
                     locks,
                 };
                 match heartbeat::decide(&peer, snapshot, hb, now) {

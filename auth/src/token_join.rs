@@ -8,8 +8,8 @@ use boundkey_proto::{keys, ErrorCode, JoinMethod, JoinResult, ServerMessage, Tok
 use crate::authority::{Authority, IdentityClaims};
 use crate::ceremony::{public_key_pem, Peer, Snapshot};
 use crate::model::{
-    event, mask_token, AuditEvent, Authentication, BotInstance, InstanceSpec, InstanceStatus, Lock,
-    LockTarget, INSTANCE_EXPIRY_GRACE_SECS,
+    event, mask_token, AuditEvent, Authentication, BotInstance, Lock, LockTarget,
+    INSTANCE_EXPIRY_GRACE_SECS,
 };
 use crate::outcome::{messages, Refusal, Step, Success};
 use crate::store::{Commit, InstanceWrite, TokenWrite};
@@ -198,25 +198,13 @@ pub fn decide(
         }
         let mut status = token.status.clone();
         status.join_count += 1;
-        let inst = BotInstance {
-            spec: InstanceSpec {
-                bot_name: token.spec.bot_name.clone(),
-                instance_id: uuid::Uuid::new_v4().to_string(),
-                previous_instance_id: None,
-                join_method: JoinMethod::Token,
-                join_token: token.name.clone(),
-                created_at: now,
-            },
-            status: InstanceStatus {
-                generation: 1,
-                expires: now,
-                initial_authentication: None,
-                latest_authentications: Vec::new(),
-                initial_heartbeat: None,
-                latest_heartbeats: Vec::new(),
-            },
-            revision: 0,
-        };
+        let inst = BotInstance::new(
+            &token.spec.bot_name,
+            JoinMethod::Token,
+            &token.name,
+            None,
+            now,
+        );
         let tw = TokenWrite {
             name: token.name.clone(),
             expected_revision: token.revision,

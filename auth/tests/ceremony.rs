@@ -194,7 +194,10 @@ fn init_msg(d: &Device, token: &str) -> ClientMessage {
 }
 
 fn solution(s: String) -> ClientMessage {
-    ClientMessage::ChallengeSolution(ChallengeSolution { solution: s })
+    ClientMessage::ChallengeSolution(ChallengeSolution {
+        solution: s,
+        identity_proof: None,
+    })
 }
 
 fn err_code(a: &Action) -> Option<ErrorCode> {
@@ -874,4 +877,175 @@ fn join_state_with_a_stale_sequence_for_the_bound_instance_locks_the_token() {
     };
     d.join_state = Some(a.sign_join_state(&stale).unwrap());
     join_state_refusal(&w, &mut d);
+}
+
+// ---- Redelivery: a result lost after the commit --------------------------------------------
+
+fn assert_no_locks_and_recoveries(w: &World, recoveries: u32) {
+    assert!(w.locks().is_empty(), "{:?}", w.locks());
+    assert_eq!(w.token("tok").status.recovery_count, recoveries);
+}
+
+#[test]
+fn redelivery_after_a_lost_first_join_even_at_the_recovery_limit() {
+    let w = World::new();
+    secret_token(&w, "tok", 1, RecoveryMode::Standard);
+    let mut d = Device::new();
+    d.join_lost(&w, "tok", Some(SECRET), false);
+    let lost = w.token("tok");
+    // The device retries with what it persisted: the pending key and in-flight identity key.
+    let r = d.join(&w, "tok", Some(SECRET), false).unwrap();
+    assert_eq!(
+        Some(r.instance_id.as_str()),
+        lost.status.bound_instance_id.as_deref()
+    );
+    assert_eq!(r.generation, 2);
+    assert_eq!(ssh(&d.bound), lost.status.bound_public_key.unwrap());
+    assert_no_locks_and_recoveries(&w, 1);
+    assert_eq!(w.store.list_instances(None).unwrap().len(), 1);
+    d.renew(&w, "tok").unwrap();
+}
+
+#[test]
+fn redelivery_after_a_lost_renewal_does_not_trip_the_generation_lock() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    w.advance(60);
+    d.join_lost(&w, "tok", None, true);
+    let r = d.renew(&w, "tok").unwrap();
+    assert_eq!(r.generation, 3);
+    assert_no_locks_and_recoveries(&w, 1);
+    let ev = w.audit(event::BOT_JOIN);
+    assert_eq!(ev[0].fields["case"], "redelivery");
+}
+
+#[test]
+fn redelivery_after_a_lost_recovery_continues_the_new_instance() {
+    let mut w = World::new();
+    let mut d = registered(&w, 2, RecoveryMode::Standard);
+    w.advance(7200);
+    d.join_lost(&w, "tok", None, false);
+    let lost = w.token("tok");
+    let r = d.recover(&w, "tok").unwrap();
+    assert_eq!(
+        Some(r.instance_id.as_str()),
+        lost.status.bound_instance_id.as_deref()
+    );
+    assert_eq!(r.generation, 2);
+    assert_no_locks_and_recoveries(&w, 2);
+    d.renew(&w, "tok").unwrap();
+}
+
+#[test]
+fn redelivery_after_a_lost_rotation_binds_the_pending_key() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    w.advance(10);
+    let t = w.token("tok");
+    let spec = request_rotation(&t, w.now).unwrap();
+    w.store.update_token_spec("tok", &spec, t.revision).unwrap();
+    w.advance(10);
+    d.join_lost(&w, "tok", None, true);
+    let pending = d
+        .pending
+        .clone()
+        .expect("rotation key persisted before it was sent");
+    assert_eq!(
+        w.token("tok").status.bound_public_key.unwrap(),
+        ssh(&pending)
+    );
+    d.renew(&w, "tok").unwrap();
+    assert_eq!(ssh(&d.bound), ssh(&pending));
+    assert_no_locks_and_recoveries(&w, 1);
+}
+
+#[test]
+fn no_redelivery_without_the_identity_proof() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    w.advance(60);
+    d.join_lost(&w, "tok", None, true);
+    d.prove_identity = false;
+    assert_eq!(
+        d.renew(&w, "tok").unwrap_err().code,
+        ErrorCode::AccessDenied
+    );
+    assert_eq!(
+        w.locks().len(),
+        1,
+        "an old-generation certificate is a copy"
+    );
+}
+
+#[test]
+fn no_redelivery_once_the_new_certificate_was_used() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    w.advance(60);
+    // The device did get its result, used it (a heartbeat), then lost its storage and rolled
+    // back to a copy taken mid-ceremony: indistinguishable from a clone, so it is locked.
+    let mut rolled_back = d.clone();
+    rolled_back.in_flight = Some(new_key());
+    let identity = rolled_back.in_flight.clone().unwrap();
+    d.in_flight = Some(identity);
+    d.renew(&w, "tok").unwrap();
+    w.advance(1);
+    let hb = boundkey_proto::Heartbeat::default();
+    let a = w
+        .svc
+        .open(d.connection(true), ClientMessage::Heartbeat(hb), w.now)
+        .1;
+    assert!(
+        matches!(a, Action::Close(ServerMessage::HeartbeatAck(_))),
+        "{a:?}"
+    );
+    assert_eq!(
+        rolled_back.renew(&w, "tok").unwrap_err().code,
+        ErrorCode::AccessDenied
+    );
+    assert_eq!(w.locks().len(), 1);
+}
+
+#[test]
+fn a_clone_from_before_a_lost_ceremony_is_still_locked() {
+    let mut w = World::new();
+    let mut d = registered(&w, 3, RecoveryMode::Standard);
+    let mut clone = d.clone();
+    w.advance(7200);
+    d.join_lost(&w, "tok", None, false);
+    // The clone holds the same bound key and join state but not the in-flight identity key.
+    assert_eq!(
+        clone.recover(&w, "tok").unwrap_err().code,
+        ErrorCode::AccessDenied
+    );
+    assert_eq!(w.locks().len(), 1);
+    assert_eq!(d.recover(&w, "tok").unwrap_err().code, ErrorCode::Locked);
+}
+
+#[test]
+fn no_redelivery_with_a_join_state_more_than_one_step_old() {
+    let mut w = World::new();
+    let mut d = registered(&w, 3, RecoveryMode::Standard);
+    let old_instance = d.last.as_ref().unwrap().instance_id.clone();
+    w.advance(7200);
+    d.join_lost(&w, "tok", None, false);
+    // Right predecessor instance, wrong sequence: only the one-step rule can refuse it.
+    let a = boundkey_auth::authority::Authority::load(&w.state).unwrap();
+    let forged = JoinStateClaims {
+        iss: "test-cluster".into(),
+        aud: "test-cluster".into(),
+        sub: "robot".into(),
+        iat: w.now,
+        nbf: w.now,
+        instance_id: old_instance,
+        recovery_sequence: 0,
+        recovery_limit: 3,
+        recovery_mode: RecoveryMode::Standard,
+    };
+    d.join_state = Some(a.sign_join_state(&forged).unwrap());
+    assert_eq!(
+        d.recover(&w, "tok").unwrap_err().code,
+        ErrorCode::AccessDenied
+    );
+    assert_eq!(w.locks().len(), 1);
 }

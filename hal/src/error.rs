@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HalError {
-    #[error("TPM not found at {tcti}: {detail} (is the TPM enabled and the device node present?)")]
+    #[error("TPM not found at {tcti}: {detail} (is the TPM enabled and its device node present, or the TPM simulator running?)")]
     DeviceAbsent { tcti: String, detail: String },
     #[error(
         "permission denied opening the TPM at {tcti} (run as a user in the tss group, or as root)"

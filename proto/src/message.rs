@@ -94,6 +94,11 @@ pub struct Challenge {
 pub struct ChallengeSolution {
     /// Compact JWS (ES256) whose payload is the challenge document verbatim.
     pub solution: String,
+    /// The same document signed by the identity key named in `init`. Proves the client holds
+    /// that key; the server uses it only to recognise a retry of a ceremony whose result was
+    /// lost after the server committed it (redelivery, `docs/protocol.md` §5.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_proof: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,6 +37,7 @@ fn solve(action: &Action, key: &p256::ecdsa::SigningKey) -> ClientMessage {
         Action::Reply(ServerMessage::Challenge(c)) => {
             ClientMessage::ChallengeSolution(ChallengeSolution {
                 solution: jws::sign(key, None, c.document.as_bytes()),
+                identity_proof: None,
             })
         }
         other => panic!("expected a challenge, got {other:?}"),

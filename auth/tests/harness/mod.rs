@@ -88,7 +88,13 @@ pub enum OnRotation {
 pub struct Device {
     pub bound: SigningKey,
     pub pending: Option<SigningKey>,
+    /// Identity key of the current certificate.
     pub identity: SigningKey,
+    /// Identity key of a ceremony in progress or whose result was lost. Like the real agent,
+    /// the device makes a fresh one per ceremony and reuses it only to retry a lost one.
+    pub in_flight: Option<SigningKey>,
+    /// Whether solutions carry an identity proof (the real agent always sends one).
+    pub prove_identity: bool,
     pub cert: Option<String>,
     pub join_state: Option<String>,
     pub last: Option<JoinResult>,
@@ -111,6 +117,8 @@ impl Device {
             bound: new_key(),
             pending: None,
             identity: new_key(),
+            in_flight: None,
+            prove_identity: true,
             cert: None,
             join_state: None,
             last: None,
@@ -120,12 +128,12 @@ impl Device {
         }
     }
 
-    fn init(&self, token: &str, secret: Option<&str>) -> ClientMessage {
+    fn init(&self, identity: &SigningKey, token: &str, secret: Option<&str>) -> ClientMessage {
         ClientMessage::Init(Init {
             token: token.into(),
             params: BotParams {
                 identity_public_key: keys::pkix_b64(&p256::PublicKey::from(
-                    self.identity.verifying_key(),
+                    identity.verifying_key(),
                 )),
                 ttl_secs: self.ttl,
             },
@@ -168,8 +176,13 @@ impl Device {
                     // A device that does not hold the challenged key signs with what it has.
                     .unwrap_or(&self.bound)
                     .clone();
+                let identity_proof = match (&self.in_flight, self.prove_identity) {
+                    (Some(id), true) => Some(jws::sign(id, None, c.document.as_bytes())),
+                    _ => None,
+                };
                 Some(ClientMessage::ChallengeSolution(ChallengeSolution {
                     solution: jws::sign(&key, None, c.document.as_bytes()),
+                    identity_proof,
                 }))
             }
             _ => None,
@@ -177,6 +190,9 @@ impl Device {
     }
 
     fn absorb(&mut self, r: &JoinResult) {
+        if let Some(id) = self.in_flight.take() {
+            self.identity = id;
+        }
         if let Some(p) = self.pending.take() {
             if r.bound_public_key.as_deref() == Some(ssh(&p).as_str()) {
                 self.bound = p;
@@ -197,17 +213,41 @@ impl Device {
         secret: Option<&str>,
         use_cert: bool,
     ) -> Result<JoinResult, ErrorMessage> {
-        let (mut session, mut action) =
-            w.svc
-                .open(self.connection(use_cert), self.init(token, secret), w.now);
+        self.run(w, token, secret, use_cert, false)
+    }
+
+    /// Runs a ceremony whose result never reaches the device (power lost as it arrived): the
+    /// server committed; the device keeps its old state plus what it persisted on the way (the
+    /// in-flight identity key and any pending rotation key).
+    pub fn join_lost(&mut self, w: &World, token: &str, secret: Option<&str>, use_cert: bool) {
+        self.run(w, token, secret, use_cert, true)
+            .expect("the lost ceremony itself succeeds on the server");
+    }
+
+    fn run(
+        &mut self,
+        w: &World,
+        token: &str,
+        secret: Option<&str>,
+        use_cert: bool,
+        lose_result: bool,
+    ) -> Result<JoinResult, ErrorMessage> {
+        let identity = self.in_flight.clone().unwrap_or_else(new_key);
+        self.in_flight = Some(identity.clone());
+        let init = self.init(&identity, token, secret);
+        let (mut session, mut action) = w.svc.open(self.connection(use_cert), init, w.now);
         loop {
             match action {
                 Action::Close(ServerMessage::Result(r)) => {
-                    self.absorb(&r);
+                    if !lose_result {
+                        self.absorb(&r);
+                    }
                     return Ok(r);
                 }
                 Action::Close(ServerMessage::Error(e)) | Action::Reply(ServerMessage::Error(e)) => {
+                    // An error means the server committed nothing: the attempt is settled.
                     self.pending = None;
+                    self.in_flight = None;
                     return Err(e);
                 }
                 Action::Reply(m) => {

@@ -408,7 +408,10 @@ impl Agent {
                     let solution = jws::sign(key, None, c.document.as_bytes());
                     send(
                         &mut conn,
-                        &ClientMessage::ChallengeSolution(ChallengeSolution { solution }),
+                        &ClientMessage::ChallengeSolution(ChallengeSolution {
+                            solution,
+                            identity_proof: None,
+                        }),
                     )
                     .await;
                 }

@@ -1,0 +1,539 @@
+//! A join's latency with the TPM key store next to the raw cost of the same TPM operations,
+//! measured in one run against one swtpm (loopback TCP, no resource manager).
+//!
+//! ```text
+//! cargo build --release --workspace --bins && cargo bench --bench tpm_join
+//! ```
+//!
+//! * agent: wall-clock of `boundkeyd start --oneshot` (process start, TLS to a local
+//!   boundkey-authd, the ceremony, the TPM operations, fsynced state and output writes, one
+//!   heartbeat): N first joins (fresh token, registration secret and storage each: the TPM key is
+//!   created, then signs) and N renewals (one signature), with `--keystore tpm` and, for context,
+//!   `--keystore file`.
+//! * tpm2-tools: the TPM operations the agent performs, one tool process each, against the same
+//!   swtpm. Renewal: `tpm2_createprimary -C o -G ecc256` + `tpm2_load` + `tpm2_sign` +
+//!   `tpm2_flushcontext`. First join: additionally `tpm2_create` of an ECC P-256 signing key
+//!   under its own `tpm2_createprimary` + `tpm2_flushcontext`, as the agent recreates the
+//!   primary for every operation. tpm2-tools keep their objects loaded between processes (context
+//!   files), and swtpm has only three object slots, so an untimed `tpm2_flushcontext -t` runs
+//!   between the timed tools.
+//!   `tpm2_getrandom 8` shows what a tool costs before any real TPM work (process start, TCTI
+//!   set-up, one trivial command).
+//! * HAL in-process: the same operations through `boundkey-hal` (tss-esapi) in this process, to
+//!   separate the TPM's own cost from process and tool start-up.
+//!
+//! The binaries come from `target/release` when all three (boundkeyd, boundkey-authd,
+//! boundkeyctl) are there, else from `target/debug`; the run says which. Numbers are printed,
+//! never asserted. A run takes well under a minute with release binaries.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use boundkey_hal::{Digest, KeyName, KeyStore, TpmConfig, TpmKeyStore};
+use boundkey_testkit::{ChildGuard, Swtpm};
+use serde_json::Value;
+
+const JOINS: usize = 10;
+const RENEWALS: usize = 20;
+
+struct Bins {
+    boundkeyd: PathBuf,
+    authd: PathBuf,
+    ctl: PathBuf,
+    profile: &'static str,
+    dir: PathBuf,
+}
+
+fn find_bins() -> Bins {
+    let own = PathBuf::from(env!("CARGO_BIN_EXE_boundkeyd"));
+    let target = own
+        .parent()
+        .and_then(Path::parent)
+        .expect("boundkeyd lives in target/<profile>/")
+        .to_path_buf();
+    for profile in ["release", "debug"] {
+        let dir = target.join(profile);
+        let [boundkeyd, authd, ctl] =
+            ["boundkeyd", "boundkey-authd", "boundkeyctl"].map(|b| dir.join(b));
+        if boundkeyd.exists() && authd.exists() && ctl.exists() {
+            return Bins {
+                boundkeyd,
+                authd,
+                ctl,
+                profile,
+                dir,
+            };
+        }
+    }
+    panic!(
+        "boundkey-authd/boundkeyctl not found in {}/{{release,debug}}: run `cargo build --release --workspace --bins` first",
+        target.display()
+    );
+}
+
+#[track_caller]
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn timed(cmd: &mut Command, what: &str) -> Duration {
+    let t = Instant::now();
+    let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let d = t.elapsed();
+    ok(&o, what);
+    d
+}
+
+struct Auth {
+    _child: ChildGuard,
+    data_dir: PathBuf,
+    ctl: PathBuf,
+}
+
+impl Auth {
+    fn start(bins: &Bins, dir: &Path) -> Auth {
+        let data_dir = dir.join("auth");
+        let log = File::create(dir.join("authd.log")).expect("authd log");
+        let mut child = ChildGuard::spawn(
+            Command::new(&bins.authd)
+                .args(["start", "--listen", "127.0.0.1:0", "--cluster", "bench"])
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(log)),
+        )
+        .expect("spawn boundkey-authd");
+        let out = child
+            .child()
+            .and_then(|c| c.stdout.take())
+            .expect("authd stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut listening = false;
+        while !listening {
+            let left = end.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "boundkey-authd did not start: {}",
+                    std::fs::read_to_string(dir.join("authd.log")).unwrap_or_default()
+                )
+            });
+            listening = line.starts_with("listening: ");
+        }
+        Auth {
+            _child: child,
+            data_dir,
+            ctl: bins.ctl.clone(),
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Value {
+        let o = Command::new(&self.ctl)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--format", "json"])
+            .args(args)
+            .output()
+            .expect("run boundkeyctl");
+        ok(&o, "boundkeyctl");
+        serde_json::from_slice(&o.stdout).expect("boundkeyctl JSON")
+    }
+
+    /// A new bot with a bound-keypair token (registration secret in the URI).
+    fn join_uri(&self, bot: &str) -> String {
+        self.ctl(&["bots", "add", bot]);
+        let t = self.ctl(&[
+            "tokens",
+            "add",
+            "--bot",
+            bot,
+            "--join-method",
+            "bound_keypair",
+        ]);
+        t["join_uri"].as_str().expect("join_uri").to_string()
+    }
+}
+
+/// `boundkeyd start --oneshot` on one storage directory with one key store.
+struct Agent<'a> {
+    bin: &'a Path,
+    storage: PathBuf,
+    destination: PathBuf,
+    keystore: Vec<String>,
+}
+
+impl Agent<'_> {
+    fn run(&self, extra: &[&str]) -> Duration {
+        timed(
+            Command::new(self.bin)
+                .args(["start", "--oneshot", "--log-level", "warn", "--storage"])
+                .arg(&self.storage)
+                .arg("--destination")
+                .arg(&self.destination)
+                .args(&self.keystore)
+                .args(extra)
+                .env_remove("BOUNDKEY_REGISTRATION_SECRET")
+                .stdin(Stdio::null()),
+            "boundkeyd start --oneshot",
+        )
+    }
+}
+
+/// First joins (one fresh token and storage directory each), then renewals of the first one.
+fn agent_runs(
+    bins: &Bins,
+    auth: &Auth,
+    dir: &Path,
+    label: &str,
+    keystore: &[String],
+) -> (Vec<Duration>, Vec<Duration>) {
+    let agent = |i: usize| Agent {
+        bin: &bins.boundkeyd,
+        storage: dir.join(format!("{label}-{i}/storage")),
+        destination: dir.join(format!("{label}-{i}/out")),
+        keystore: keystore.to_vec(),
+    };
+    let joins: Vec<Duration> = (0..JOINS)
+        .map(|i| {
+            let uri = auth.join_uri(&format!("bench-{label}-{i}"));
+            agent(i).run(&["--join-uri", &uri])
+        })
+        .collect();
+    let a = agent(0);
+    a.run(&[]); // warm-up
+    let renewals = (0..RENEWALS).map(|_| a.run(&[])).collect();
+    (joins, renewals)
+}
+
+/// tpm2-tools against the swtpm; context files live in `dir`.
+struct Tools<'a> {
+    tpm: &'a Swtpm,
+    dir: PathBuf,
+}
+
+impl Tools<'_> {
+    fn cmd(&self, tool: &str, args: &[&str]) -> Command {
+        let mut c = self.tpm.tpm2_tool(tool);
+        c.current_dir(&self.dir).args(args);
+        c
+    }
+
+    fn time(&self, tool: &str, args: &[&str]) -> Duration {
+        timed(&mut self.cmd(tool, args), tool)
+    }
+
+    /// Untimed: flush every transient object (tpm2-tools leave them loaded).
+    fn flush_all(&self) {
+        self.time("tpm2_flushcontext", &["-t"]);
+    }
+
+    fn primary(&self) -> Duration {
+        self.time(
+            "tpm2_createprimary",
+            &["-Q", "-C", "o", "-G", "ecc256", "-c", "prim.ctx"],
+        )
+    }
+
+    /// createprimary + create (ECC P-256 signing key, non-exportable) + flushcontext.
+    fn create(&self, name: &str) -> [Duration; 3] {
+        let cp = self.primary();
+        let (pb, pr) = (format!("{name}.pub"), format!("{name}.priv"));
+        let cr = self.time(
+            "tpm2_create",
+            &[
+                "-Q",
+                "-C",
+                "prim.ctx",
+                "-G",
+                "ecc256:ecdsa-sha256",
+                "-a",
+                "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign",
+                "-u",
+                &pb,
+                "-r",
+                &pr,
+            ],
+        );
+        let fl = self.time("tpm2_flushcontext", &["-t"]);
+        [cp, cr, fl]
+    }
+
+    /// createprimary + load + sign (a SHA-256 digest) + flushcontext.
+    fn sign(&self, name: &str) -> [Duration; 4] {
+        let cp = self.primary();
+        self.flush_all();
+        let (pb, pr) = (format!("{name}.pub"), format!("{name}.priv"));
+        let ld = self.time(
+            "tpm2_load",
+            &[
+                "-Q", "-C", "prim.ctx", "-u", &pb, "-r", &pr, "-c", "key.ctx",
+            ],
+        );
+        self.flush_all();
+        let sg = self.time(
+            "tpm2_sign",
+            &[
+                "-Q",
+                "-c",
+                "key.ctx",
+                "-g",
+                "sha256",
+                "-d",
+                "-f",
+                "plain",
+                "-o",
+                "sig.bin",
+                "digest.bin",
+            ],
+        );
+        let fl = self.time("tpm2_flushcontext", &["-t"]);
+        [cp, ld, sg, fl]
+    }
+}
+
+struct ToolTimes {
+    join: Vec<Duration>,
+    renewal: Vec<Duration>,
+    /// Per tool, over the renewal runs: createprimary, load, sign, flushcontext.
+    renewal_parts: [Vec<Duration>; 4],
+    /// Per tool, over the join runs: createprimary, create, flushcontext (create part only).
+    create_parts: [Vec<Duration>; 3],
+    /// `tpm2_getrandom 8`: a tool's process start, TCTI set-up and one trivial command.
+    floor: Vec<Duration>,
+}
+
+fn tool_runs(tpm: &Swtpm, dir: &Path) -> ToolTimes {
+    let dir = dir.join("tools");
+    std::fs::create_dir_all(&dir).expect("tools dir");
+    std::fs::write(dir.join("digest.bin"), [0x5a; 32]).expect("digest");
+    let t = Tools { tpm, dir };
+    t.flush_all();
+    // Warm-up, and the key the renewals use.
+    t.create("renew");
+    t.sign("renew");
+
+    let mut out = ToolTimes {
+        join: Vec::new(),
+        renewal: Vec::new(),
+        renewal_parts: Default::default(),
+        create_parts: Default::default(),
+        floor: (0..RENEWALS)
+            .map(|_| t.time("tpm2_getrandom", &["-o", "random.bin", "8"]))
+            .collect(),
+    };
+    for i in 0..JOINS {
+        let name = format!("join{i}");
+        let c = t.create(&name);
+        let s = t.sign(&name);
+        out.join.push(c.iter().chain(s.iter()).sum());
+        for (v, d) in out.create_parts.iter_mut().zip(c) {
+            v.push(d);
+        }
+    }
+    for _ in 0..RENEWALS {
+        let s = t.sign("renew");
+        out.renewal.push(s.iter().sum());
+        for (v, d) in out.renewal_parts.iter_mut().zip(s) {
+            v.push(d);
+        }
+    }
+    out
+}
+
+/// The same operations through boundkey-hal (tss-esapi) in this process.
+fn hal_runs(tpm: &Swtpm, dir: &Path) -> (Vec<Duration>, Vec<Duration>) {
+    let cfg = TpmConfig {
+        tcti: tpm.tcti(),
+        ..TpmConfig::default()
+    };
+    let mut store = TpmKeyStore::open(&dir.join("hal"), cfg).expect("open the TPM key store");
+    let digest = Digest::of(b"bench");
+    let warm = KeyName::new("warm").expect("key name");
+    store.create(&warm).expect("create");
+    store.sign_digest(&warm, &digest).expect("sign");
+    let mut joins = Vec::new();
+    for i in 0..JOINS {
+        let k = KeyName::new(&format!("join{i}")).expect("key name");
+        let t = Instant::now();
+        store.create(&k).expect("create");
+        store.sign_digest(&k, &digest).expect("sign");
+        joins.push(t.elapsed());
+    }
+    let renewals = (0..RENEWALS)
+        .map(|_| {
+            let t = Instant::now();
+            store.sign_digest(&warm, &digest).expect("sign");
+            t.elapsed()
+        })
+        .collect();
+    // swtpm serves one connection at a time.
+    store.disconnect();
+    (joins, renewals)
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2
+    }
+}
+
+/// Nearest-rank 90th percentile.
+fn p90(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    let rank = (s.len() * 9).div_ceil(10).max(1);
+    s[rank - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn row(what: &str, v: &[Duration]) {
+    println!(
+        "{what:<52} {:>3} {:>10} {:>10}",
+        v.len(),
+        ms(median(v)),
+        ms(p90(v))
+    );
+}
+
+fn version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn main() {
+    // libtss2 logs its own errors to stderr; none are expected, and none should clutter the table.
+    std::env::set_var("TSS2_LOG", "all+none");
+    let started = Instant::now();
+    let bins = find_bins();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tpm = Swtpm::start();
+    let auth = Auth::start(&bins, dir.path());
+
+    println!("boundkey: TPM join benchmark");
+    println!(
+        "binaries: {} ({}){}",
+        bins.profile,
+        bins.dir.display(),
+        if bins.profile == "debug" {
+            " -- run `cargo build --release --workspace --bins` for release numbers"
+        } else {
+            ""
+        }
+    );
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "machine: {} {}, {cores} cores; swtpm on loopback TCP ({}), no resource manager",
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        tpm.tcti()
+    );
+    println!(
+        "versions: {}; tpm2-tools {}",
+        version("swtpm", "--version"),
+        version("tpm2_createprimary", "--version")
+    );
+
+    let tpm_args = vec![
+        "--keystore".to_string(),
+        "tpm".to_string(),
+        "--tcti".to_string(),
+        tpm.tcti(),
+    ];
+    let file_args = vec!["--keystore".to_string(), "file".to_string()];
+    let (tpm_joins, tpm_renewals) = agent_runs(&bins, &auth, dir.path(), "tpm", &tpm_args);
+    let (file_joins, file_renewals) = agent_runs(&bins, &auth, dir.path(), "file", &file_args);
+    let tools = tool_runs(&tpm, dir.path());
+    let (hal_joins, hal_renewals) = hal_runs(&tpm, dir.path());
+
+    println!();
+    println!("{:<52} {:>3} {:>10} {:>10}", "", "N", "median", "p90");
+    row("agent first join, --keystore tpm", &tpm_joins);
+    row("agent renewal,    --keystore tpm", &tpm_renewals);
+    row("agent first join, --keystore file", &file_joins);
+    row("agent renewal,    --keystore file", &file_renewals);
+    row("tpm2-tools, first-join ops (7 tools)", &tools.join);
+    for (name, v) in ["createprimary", "create", "flushcontext"]
+        .iter()
+        .zip(&tools.create_parts)
+    {
+        row(&format!("  key creation: tpm2_{name}"), v);
+    }
+    row("tpm2-tools, renewal ops (4 tools)", &tools.renewal);
+    for (name, v) in ["createprimary", "load", "sign", "flushcontext"]
+        .iter()
+        .zip(&tools.renewal_parts)
+    {
+        row(&format!("  signature: tpm2_{name}"), v);
+    }
+    row(
+        "  floor: tpm2_getrandom 8 (start-up + 1 command)",
+        &tools.floor,
+    );
+    row("HAL in-process (tss-esapi), create + sign", &hal_joins);
+    row("HAL in-process (tss-esapi), sign", &hal_renewals);
+
+    let ratio = |a: &[Duration], b: &[Duration]| median(a).as_secs_f64() / median(b).as_secs_f64();
+    println!();
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "median", "agent tpm", "tpm2-tools", "agent/tools", "HAL", "agent/HAL"
+    );
+    for (what, agent, tool, hal) in [
+        ("first join", &tpm_joins, &tools.join, &hal_joins),
+        ("renewal", &tpm_renewals, &tools.renewal, &hal_renewals),
+    ] {
+        println!(
+            "{what:<34} {:>12} {:>12} {:>12} {:>10} {:>10}",
+            ms(median(agent)),
+            ms(median(tool)),
+            format!("{:.2}", ratio(agent, tool)),
+            ms(median(hal)),
+            format!("{:.2}", ratio(agent, hal)),
+        );
+    }
+    println!(
+        "TPM backend cost over the file backend (agent medians): first join +{}, renewal +{}",
+        ms(median(&tpm_joins).saturating_sub(median(&file_joins))),
+        ms(median(&tpm_renewals).saturating_sub(median(&file_renewals)))
+    );
+    println!();
+    println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,149 @@
+//! The agent's top-level error: every failure becomes one line saying what failed and what to do,
+//! and an exit code (documented in `docs/agent.md`).
+
+use boundkey_hal::HalError;
+use boundkey_proto::ErrorCode;
+
+use crate::config::{ConfigError, Conflict};
+use crate::fsutil::FsError;
+use crate::storage::StorageError;
+use crate::transport::TransportError;
+
+/// Exit codes.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Network, TLS, storage I/O, key store or any other runtime failure.
+    pub const FAILURE: u8 = 1;
+    /// Bad command line or configuration.
+    pub const USAGE: u8 = 2;
+    /// The auth service refused (access denied, locked, no recoveries left, bad request).
+    pub const REFUSED: u8 = 3;
+    /// The storage directory is in use by another agent.
+    pub const IN_USE: u8 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("key store: {0}")]
+    Keystore(#[from] HalError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Refused by the auth service; `message` already says what to do.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("the auth service broke the protocol: {0} (check that boundkeyd and boundkey-authd versions match)")]
+    Protocol(String),
+    #[error("the auth service asked this device to prove key {kid}, which it does not hold; if the token was recreated for another key, onboard this device with a new storage directory")]
+    KeyNotHeld { kid: String },
+    #[error("the key store produced a signature that does not verify (key {0}); the key store or TPM is faulty")]
+    BadSignature(String),
+    #[error("cannot write the identity outputs: {0}")]
+    Outputs(FsError),
+    #[error(
+        "storage directory {dir} already belongs to another join configuration: {} (onboard a new token with a new --storage directory)",
+        list.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; ")
+    )]
+    StateConflict { dir: String, list: Vec<Conflict> },
+    #[error("{0}")]
+    Usage(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("cannot set up the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl AgentError {
+    /// Whether retrying the same operation later may succeed without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AgentError::Transport(t) => t.is_retryable(),
+            AgentError::Refused { code, .. } => code.is_retryable(),
+            AgentError::Keystore(h) => h.is_transient(),
+            AgentError::Outputs(_) => true,
+            AgentError::Storage(StorageError::Io(_)) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the daemon must stop instead of retrying: a wrong TPM auth value cannot become
+    /// right (it is read once, at start-up), and every retry counts towards the TPM's
+    /// dictionary-attack lockout, which would lock the TPM for every other user too.
+    pub fn is_fatal(&self) -> bool {
+        self.exit_code() == exit::USAGE
+            || matches!(
+                self,
+                AgentError::Keystore(HalError::AuthFailed { .. } | HalError::Lockout)
+            )
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Config(_) | AgentError::Usage(_) | AgentError::StateConflict { .. } => {
+                exit::USAGE
+            }
+            AgentError::Storage(StorageError::InUse { .. }) => exit::IN_USE,
+            AgentError::Refused { code, .. } if !code.is_retryable() => exit::REFUSED,
+            _ => exit::FAILURE,
+        }
+    }
+
+    /// Builds the refusal message for a server error code, with what to do about it.
+    pub fn refused(
+        code: ErrorCode,
+        server_message: &str,
+        token: Option<&str>,
+        lost_first_join: bool,
+    ) -> Self {
+        let token = token.unwrap_or("TOKEN");
+        let message = match code {
+            ErrorCode::RecoveryLimitExceeded => format!(
+                "the join token has no recoveries left; ask an administrator to raise its recovery limit (boundkeyctl tokens edit {token} --recovery-limit N)"
+            ),
+            ErrorCode::Locked => format!(
+                "the auth service refused: this bot, bot instance or join token ({token}) is locked; ask an administrator to investigate (boundkeyctl locks ls) and remove the lock (boundkeyctl locks rm NAME)"
+            ),
+            ErrorCode::AccessDenied if lost_first_join => format!(
+                "the auth service refused the join (access denied); an earlier join of this device may have been accepted without the device recording it and could not be delivered again (for example the device state was restored from an older copy): ask an administrator to check `boundkeyctl audit ls`, then recreate token {token} (boundkeyctl tokens rm / tokens add) and onboard again"
+            ),
+            ErrorCode::AccessDenied => format!(
+                "the auth service refused the join (access denied: {server_message}); check the token name and registration secret, or ask an administrator to look at the audit log (boundkeyctl audit ls) for token {token}"
+            ),
+            ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => format!(
+                "the auth service rejected the request ({}: {server_message}); check that boundkeyd and boundkey-authd versions match",
+                code.as_str()
+            ),
+            ErrorCode::Conflict | ErrorCode::Timeout | ErrorCode::Internal => format!(
+                "the auth service failed temporarily ({}: {server_message}); will retry",
+                code.as_str()
+            ),
+        };
+        AgentError::Refused { code, message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_say_what_to_do_and_pick_exit_codes() {
+        let e = AgentError::refused(ErrorCode::RecoveryLimitExceeded, "x", Some("dev-1"), false);
+        assert_eq!(
+            e.to_string(),
+            "the join token has no recoveries left; ask an administrator to raise its recovery limit (boundkeyctl tokens edit dev-1 --recovery-limit N)"
+        );
+        assert_eq!(e.exit_code(), exit::REFUSED);
+        assert!(!e.is_retryable());
+        let e = AgentError::refused(ErrorCode::Conflict, "race", Some("t"), false);
+        assert!(e.is_retryable());
+        assert_eq!(e.exit_code(), exit::FAILURE);
+        let e = AgentError::refused(ErrorCode::Locked, "x", Some("t"), false);
+        assert!(e.to_string().contains("boundkeyctl locks ls"));
+        let e = AgentError::refused(ErrorCode::AccessDenied, "access denied", Some("t"), true);
+        assert!(e.to_string().contains("recreate token t"));
+    }
+}

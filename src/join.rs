@@ -1,0 +1,750 @@
+//! The client side of a join ceremony as a sans-I/O state machine.
+//!
+//! [`Ceremony::start`] returns the first message to send; [`Ceremony::handle`] takes each
+//! [`ServerMessage`] and returns the next [`ClientMessage`] or, at the end, the [`Outcome`].
+//! Everything with a side effect — creating a key, persisting it, signing, recording that a
+//! commit may now happen — goes through the [`Effects`] trait, in an order this module fixes:
+//!
+//! * RotationRequest: create the key, **persist it as pending**, and only then return the
+//!   `RotationResponse` carrying its public key. A crash at any point leaves either an orphan key
+//!   nobody was told about, or a persisted key that can answer the next challenge for it.
+//! * Challenge: find the key among every key held (active, pending, history), sign the document
+//!   verbatim, check the signature locally, record that the auth service may commit from now on
+//!   ([`Effects::mark_uncertain`], which also persists this ceremony's identity key), then return
+//!   the solution together with an identity proof: the same document signed by the identity key.
+//!   If the result is then lost, the retry reuses that identity key and the proof lets the auth
+//!   service recognise it and deliver again instead of treating the device as a copy.
+//!
+//! Nothing here opens a socket or a file, so every path is unit-tested with canned messages.
+
+use boundkey_proto::claims::ChallengeClaims;
+use boundkey_proto::{
+    jws, keys, BotParams, ChallengeSolution, ClientMessage, ErrorCode, Init, JoinMethod,
+    JoinResult, RotationResponse, ServerMessage, TokenJoin,
+};
+
+/// Most server messages one ceremony accepts (a registration plus a rotation needs 4).
+const MAX_ROUNDS: usize = 8;
+
+/// What kind of ceremony this is, from the agent's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Never joined: registration secret or pre-registered key (or a `token` join).
+    FirstJoin,
+    /// Over mTLS with the current certificate.
+    Renewal,
+    /// Without a certificate (expired, or a previous result may have been lost).
+    Recovery,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::FirstJoin => "first_join",
+            Mode::Renewal => "renewal",
+            Mode::Recovery => "recovery",
+        }
+    }
+}
+
+/// A key the agent holds and may be asked to prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldKey {
+    pub name: String,
+    pub public_key: p256::PublicKey,
+}
+
+/// Everything the ceremony needs to know up front.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub method: JoinMethod,
+    pub mode: Mode,
+    /// Token name (bound keypair), or the secret token (`token` method; `None` to renew).
+    pub token: Option<String>,
+    pub registration_secret: Option<String>,
+    /// This ceremony's identity key: fresh, or the one of a ceremony whose result was lost.
+    pub identity_key: p256::SecretKey,
+    pub ttl_secs: u64,
+    pub join_state: Option<String>,
+    pub keys: Vec<HeldKey>,
+    /// A previous ceremony's result may have been lost (the in-flight mark was set at start).
+    pub prior_uncertain: bool,
+}
+
+/// The side effects a ceremony asks for.
+pub trait Effects {
+    type Error;
+    /// Creates a new key in the key store (not yet recorded anywhere).
+    fn create_key(&mut self) -> Result<HeldKey, Self::Error>;
+    /// Durably records `key` as the pending rotation key. `uncertain` is what the in-flight mark
+    /// should say after this write.
+    fn persist_pending(&mut self, key: &HeldKey, uncertain: bool) -> Result<(), Self::Error>;
+    /// Durably records that the auth service may commit this ceremony from now on.
+    fn mark_uncertain(&mut self) -> Result<(), Self::Error>;
+    /// Signs a SHA-256 digest with the named key: 64-byte r‖s.
+    fn sign(&mut self, key: &str, digest: &[u8; 32]) -> Result<[u8; 64], Self::Error>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError<E> {
+    /// The auth service refused, with its error code and generic message.
+    #[error("the auth service refused: {message} ({})", code.as_str())]
+    Refused { code: ErrorCode, message: String },
+    /// The auth service broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The auth service asked for a key this device does not hold.
+    #[error("the auth service asked this device to prove key {kid}, which it does not hold (was the token recreated with another key?)")]
+    KeyNotHeld { kid: String },
+    /// The key store returned a signature that does not verify.
+    #[error("the key store produced a signature that does not verify with key {0}")]
+    BadSignature(String),
+    #[error(transparent)]
+    Effect(E),
+}
+
+impl<E> JoinError<E> {
+    /// Whether the same attempt may succeed later without operator action.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            JoinError::Refused { code, .. } => code.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// A finished ceremony.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub result: JoinResult,
+    /// The held key the Result names as bound (bound keypair only).
+    pub bound_key: Option<HeldKey>,
+}
+
+/// What to do next.
+#[derive(Debug)]
+pub enum Step {
+    Send(ClientMessage),
+    Done(Box<Outcome>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Running,
+    Done,
+}
+
+#[derive(Debug)]
+pub struct Ceremony {
+    plan: Plan,
+    stage: Stage,
+    rounds: usize,
+    solutions_sent: usize,
+    marked_uncertain: bool,
+    /// A solution (or the one-shot `token_join`) was sent and no reply has arrived since.
+    awaiting_reply_to_commit_candidate: bool,
+}
+
+impl Ceremony {
+    /// Begins a ceremony: returns it and the first message.
+    pub fn start(plan: Plan) -> (Ceremony, ClientMessage) {
+        let params = BotParams {
+            identity_public_key: keys::pkix_b64(&plan.identity_key.public_key()),
+            ttl_secs: plan.ttl_secs,
+        };
+        let (first, candidate) = match plan.method {
+            JoinMethod::BoundKeypair => (
+                ClientMessage::Init(Init {
+                    token: plan.token.clone().unwrap_or_default(),
+                    params,
+                    registration_secret: plan.registration_secret.clone(),
+                    join_state: plan.join_state.clone(),
+                }),
+                false,
+            ),
+            JoinMethod::Token => (
+                ClientMessage::TokenJoin(TokenJoin {
+                    token: plan.token.clone(),
+                    params,
+                }),
+                true,
+            ),
+        };
+        let prior_uncertain = plan.prior_uncertain;
+        (
+            Ceremony {
+                plan,
+                stage: Stage::Running,
+                rounds: 0,
+                solutions_sent: 0,
+                // Already recorded on disk: nothing to mark again.
+                marked_uncertain: prior_uncertain,
+                awaiting_reply_to_commit_candidate: candidate,
+            },
+            first,
+        )
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.plan.mode
+    }
+
+    /// After a failure: whether the auth service may have committed a ceremony whose result the
+    /// agent never recorded (this one, or an earlier one).
+    pub fn uncertain_after_failure(&self) -> bool {
+        self.plan.prior_uncertain
+            || (self.plan.method == JoinMethod::BoundKeypair
+                && self.awaiting_reply_to_commit_candidate)
+    }
+
+    /// Feeds the next server message.
+    pub fn handle<F: Effects>(
+        &mut self,
+        msg: ServerMessage,
+        fx: &mut F,
+    ) -> Result<Step, JoinError<F::Error>> {
+        if self.stage == Stage::Done {
+            return Err(JoinError::Protocol(
+                "message after the ceremony ended".into(),
+            ));
+        }
+        // Any reply means the previous message was not the one that committed.
+        self.awaiting_reply_to_commit_candidate = false;
+        self.rounds += 1;
+        if self.rounds > MAX_ROUNDS {
+            self.stage = Stage::Done;
+            return Err(JoinError::Protocol(format!(
+                "the auth service sent more than {MAX_ROUNDS} messages in one ceremony"
+            )));
+        }
+        let r = self.dispatch(msg, fx);
+        if !matches!(r, Ok(Step::Send(_))) {
+            self.stage = Stage::Done;
+        }
+        r
+    }
+
+    fn dispatch<F: Effects>(
+        &mut self,
+        msg: ServerMessage,
+        fx: &mut F,
+    ) -> Result<Step, JoinError<F::Error>> {
+        let bound = self.plan.method == JoinMethod::BoundKeypair;
+        match msg {
+            ServerMessage::Error(e) => Err(JoinError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
+            ServerMessage::RotationRequest(_) if bound => {
+                let key = fx.create_key().map_err(JoinError::Effect)?;
+                // The key is on disk before anyone outside this device learns of it.
+                fx.persist_pending(&key, self.plan.prior_uncertain)
+                    .map_err(JoinError::Effect)?;
+                self.marked_uncertain = self.plan.prior_uncertain;
+                let public_key = keys::ssh_public_key(&key.public_key);
+                self.plan.keys.push(key);
+                Ok(Step::Send(ClientMessage::RotationResponse(
+                    RotationResponse { public_key },
+                )))
+            }
+            ServerMessage::Challenge(c) if bound => {
+                let public_key = keys::parse_ssh_public_key(&c.public_key).map_err(|e| {
+                    JoinError::Protocol(format!("challenge names an unusable key: {e}"))
+                })?;
+                let kid = keys::kid(&public_key);
+                let held = self
+                    .plan
+                    .keys
+                    .iter()
+                    .find(|k| k.public_key == public_key)
+                    .cloned()
+                    .ok_or_else(|| JoinError::KeyNotHeld { kid: kid.clone() })?;
+                // Sign only what looks like a challenge for this key: the bound key is not a
+                // general-purpose signing oracle.
+                let claims: ChallengeClaims = serde_json::from_str(&c.document).map_err(|e| {
+                    JoinError::Protocol(format!("challenge document is not a challenge: {e}"))
+                })?;
+                if claims.sub != kid {
+                    return Err(JoinError::Protocol(
+                        "challenge document is for another key than it names".into(),
+                    ));
+                }
+                let input = jws::signing_input(Some(&kid), c.document.as_bytes());
+                let sig = fx
+                    .sign(&held.name, &jws::digest(&input))
+                    .map_err(JoinError::Effect)?;
+                let solution = jws::assemble(&input, &sig);
+                if jws::verify(&solution, &public_key).is_err() {
+                    return Err(JoinError::BadSignature(held.name));
+                }
+                if !self.marked_uncertain {
+                    fx.mark_uncertain().map_err(JoinError::Effect)?;
+                    self.marked_uncertain = true;
+                }
+                self.solutions_sent += 1;
+                self.awaiting_reply_to_commit_candidate = true;
+                let identity = p256::ecdsa::SigningKey::from(&self.plan.identity_key);
+                let identity_proof = Some(jws::sign(&identity, None, c.document.as_bytes()));
+                Ok(Step::Send(ClientMessage::ChallengeSolution(
+                    ChallengeSolution {
+                        solution,
+                        identity_proof,
+                    },
+                )))
+            }
+            ServerMessage::Result(result) => {
+                if result.join_method != self.plan.method.as_str() {
+                    return Err(JoinError::Protocol(format!(
+                        "result is for join method {:?}, expected {}",
+                        result.join_method, self.plan.method
+                    )));
+                }
+                if !bound {
+                    return Ok(Step::Done(Box::new(Outcome {
+                        result,
+                        bound_key: None,
+                    })));
+                }
+                if self.solutions_sent == 0 {
+                    return Err(JoinError::Protocol(
+                        "result before any challenge was answered".into(),
+                    ));
+                }
+                let named = result.bound_public_key.as_deref().ok_or_else(|| {
+                    JoinError::Protocol("result does not name the bound public key".into())
+                })?;
+                let pk = keys::parse_ssh_public_key(named).map_err(|e| {
+                    JoinError::Protocol(format!("result names an unusable bound key: {e}"))
+                })?;
+                let held = self
+                    .plan
+                    .keys
+                    .iter()
+                    .find(|k| k.public_key == pk)
+                    .cloned()
+                    .ok_or_else(|| JoinError::KeyNotHeld {
+                        kid: keys::kid(&pk),
+                    })?;
+                Ok(Step::Done(Box::new(Outcome {
+                    result,
+                    bound_key: Some(held),
+                })))
+            }
+            other => Err(JoinError::Protocol(format!(
+                "unexpected {} during a {} ceremony",
+                server_msg_name(&other),
+                self.plan.method
+            ))),
+        }
+    }
+}
+
+fn server_msg_name(m: &ServerMessage) -> &'static str {
+    match m {
+        ServerMessage::RotationRequest(_) => "rotation_request",
+        ServerMessage::Challenge(_) => "challenge",
+        ServerMessage::Result(_) => "result",
+        ServerMessage::HeartbeatAck(_) => "heartbeat_ack",
+        ServerMessage::Error(_) => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boundkey_proto::{Challenge, RotationReason, RotationRequest};
+    use p256::ecdsa::signature::hazmat::PrehashSigner;
+    use std::collections::HashMap;
+
+    /// Records every effect in order; keys are in-memory.
+    #[derive(Default)]
+    struct Fake {
+        keys: HashMap<String, p256::SecretKey>,
+        log: Vec<String>,
+        fail_persist: bool,
+        next: usize,
+    }
+
+    impl Fake {
+        fn add(&mut self, name: &str) -> HeldKey {
+            let sk = p256::SecretKey::random(&mut rand_core::OsRng);
+            let pk = sk.public_key();
+            self.keys.insert(name.into(), sk);
+            HeldKey {
+                name: name.into(),
+                public_key: pk,
+            }
+        }
+    }
+
+    impl Effects for Fake {
+        type Error = String;
+        fn create_key(&mut self) -> Result<HeldKey, String> {
+            self.next += 1;
+            let name = format!("new-{}", self.next);
+            self.log.push(format!("create {name}"));
+            Ok(self.add(&name))
+        }
+        fn persist_pending(&mut self, key: &HeldKey, uncertain: bool) -> Result<(), String> {
+            if self.fail_persist {
+                return Err("disk full".into());
+            }
+            self.log.push(format!("persist {} {uncertain}", key.name));
+            Ok(())
+        }
+        fn mark_uncertain(&mut self) -> Result<(), String> {
+            self.log.push("mark".into());
+            Ok(())
+        }
+        fn sign(&mut self, key: &str, digest: &[u8; 32]) -> Result<[u8; 64], String> {
+            self.log.push(format!("sign {key}"));
+            let sk = self.keys.get(key).ok_or("no key")?;
+            let sig: p256::ecdsa::Signature = p256::ecdsa::SigningKey::from(sk)
+                .sign_prehash(digest)
+                .map_err(|e| e.to_string())?;
+            Ok(sig.normalize_s().unwrap_or(sig).to_bytes().into())
+        }
+    }
+
+    fn identity() -> p256::PublicKey {
+        p256::SecretKey::random(&mut rand_core::OsRng).public_key()
+    }
+
+    fn plan(mode: Mode, keys: Vec<HeldKey>) -> Plan {
+        Plan {
+            method: JoinMethod::BoundKeypair,
+            mode,
+            token: Some("tok".into()),
+            registration_secret: None,
+            identity_key: p256::SecretKey::random(&mut rand_core::OsRng),
+            ttl_secs: 60,
+            join_state: Some("js".into()),
+            keys,
+            prior_uncertain: false,
+        }
+    }
+
+    fn challenge_for(pk: &p256::PublicKey) -> (ServerMessage, ChallengeClaims) {
+        let claims = ChallengeClaims {
+            iss: "c".into(),
+            aud: "c".into(),
+            sub: keys::kid(pk),
+            iat: 100,
+            nbf: 90,
+            exp: 160,
+            nonce: "bm9uY2U".into(),
+        };
+        let doc = serde_json::to_string(&claims).unwrap();
+        (
+            ServerMessage::Challenge(Challenge {
+                public_key: keys::ssh_public_key(pk),
+                document: doc,
+            }),
+            claims,
+        )
+    }
+
+    fn result_naming(pk: Option<&p256::PublicKey>) -> ServerMessage {
+        ServerMessage::Result(JoinResult {
+            bot_name: "bot".into(),
+            instance_id: "inst".into(),
+            generation: 2,
+            join_method: "bound_keypair".into(),
+            certificate: "CERT".into(),
+            ca_bundle: "CA".into(),
+            not_before: 1,
+            expires: 2,
+            join_state: Some("js2".into()),
+            bound_public_key: pk.map(keys::ssh_public_key),
+        })
+    }
+
+    fn solution(step: Step) -> String {
+        match step {
+            Step::Send(ClientMessage::ChallengeSolution(s)) => s.solution,
+            other => panic!("expected a solution, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn renewal_signs_the_document_verbatim_with_the_bound_key() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let (mut c, first) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        match first {
+            ClientMessage::Init(i) => {
+                assert_eq!(i.token, "tok");
+                assert_eq!(i.join_state.as_deref(), Some("js"));
+                assert!(i.registration_secret.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let (ch, claims) = challenge_for(&a.public_key);
+        let doc = match &ch {
+            ServerMessage::Challenge(c) => c.document.clone(),
+            _ => unreachable!(),
+        };
+        let sol = solution(c.handle(ch, &mut fx).unwrap());
+        let (hdr, payload) = jws::verify(&sol, &a.public_key).unwrap();
+        assert_eq!(payload, doc.as_bytes());
+        assert_eq!(hdr.kid.as_deref(), Some(claims.sub.as_str()));
+        assert_eq!(fx.log, vec!["sign a", "mark"]);
+        assert!(c.uncertain_after_failure(), "solution sent, no reply yet");
+        match c
+            .handle(result_naming(Some(&a.public_key)), &mut fx)
+            .unwrap()
+        {
+            Step::Done(o) => {
+                assert_eq!(o.bound_key.unwrap().name, "a");
+                assert_eq!(o.result.generation, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            c.handle(result_naming(None), &mut fx).is_err(),
+            "after done"
+        );
+    }
+
+    #[test]
+    fn rotation_persists_the_new_key_before_sending_it_and_old_key_answers_first() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (ch, _) = challenge_for(&a.public_key);
+        solution(c.handle(ch, &mut fx).unwrap());
+        let step = c
+            .handle(
+                ServerMessage::RotationRequest(RotationRequest {
+                    reason: RotationReason::RotationDue,
+                }),
+                &mut fx,
+            )
+            .unwrap();
+        let new_pk = match step {
+            Step::Send(ClientMessage::RotationResponse(r)) => {
+                keys::parse_ssh_public_key(&r.public_key).unwrap()
+            }
+            other => panic!("{other:?}"),
+        };
+        // Created, then persisted (clearing the in-flight mark: the server did not commit),
+        // and only then returned for sending.
+        assert_eq!(
+            fx.log,
+            vec!["sign a", "mark", "create new-1", "persist new-1 false"]
+        );
+        assert!(!c.uncertain_after_failure());
+        let (ch2, _) = challenge_for(&new_pk);
+        let sol = solution(c.handle(ch2, &mut fx).unwrap());
+        jws::verify(&sol, &new_pk).unwrap();
+        assert_eq!(fx.log.last().map(String::as_str), Some("mark"));
+        match c.handle(result_naming(Some(&new_pk)), &mut fx).unwrap() {
+            Step::Done(o) => assert_eq!(o.bound_key.unwrap().name, "new-1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn registration_creates_the_first_key_and_sends_the_secret() {
+        let mut fx = Fake::default();
+        let mut p = plan(Mode::FirstJoin, vec![]);
+        p.registration_secret = Some("s3cret".into());
+        p.join_state = None;
+        let (mut c, first) = Ceremony::start(p);
+        match first {
+            ClientMessage::Init(i) => assert_eq!(i.registration_secret.as_deref(), Some("s3cret")),
+            other => panic!("{other:?}"),
+        }
+        let step = c
+            .handle(
+                ServerMessage::RotationRequest(RotationRequest {
+                    reason: RotationReason::Registration,
+                }),
+                &mut fx,
+            )
+            .unwrap();
+        let Step::Send(ClientMessage::RotationResponse(r)) = step else {
+            panic!()
+        };
+        let pk = keys::parse_ssh_public_key(&r.public_key).unwrap();
+        solution(c.handle(challenge_for(&pk).0, &mut fx).unwrap());
+        assert!(matches!(
+            c.handle(result_naming(Some(&pk)), &mut fx).unwrap(),
+            Step::Done(_)
+        ));
+    }
+
+    #[test]
+    fn a_failed_persist_means_the_key_is_never_sent() {
+        let mut fx = Fake {
+            fail_persist: true,
+            ..Fake::default()
+        };
+        let (mut c, _) = Ceremony::start(plan(Mode::FirstJoin, vec![]));
+        let r = c.handle(
+            ServerMessage::RotationRequest(RotationRequest {
+                reason: RotationReason::Registration,
+            }),
+            &mut fx,
+        );
+        assert!(
+            matches!(r, Err(JoinError::Effect(ref e)) if e == "disk full"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_mismatched_documents_are_not_signed() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let stranger = identity();
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let r = c.handle(challenge_for(&stranger).0, &mut fx);
+        assert!(matches!(r, Err(JoinError::KeyNotHeld { .. })), "{r:?}");
+
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (ServerMessage::Challenge(mut ch), _) = challenge_for(&stranger) else {
+            unreachable!()
+        };
+        ch.public_key = keys::ssh_public_key(&a.public_key);
+        let r = c.handle(ServerMessage::Challenge(ch), &mut fx);
+        assert!(matches!(r, Err(JoinError::Protocol(_))), "{r:?}");
+
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let ch = ServerMessage::Challenge(Challenge {
+            public_key: keys::ssh_public_key(&a.public_key),
+            document: "{\"anything\":1}".into(),
+        });
+        assert!(matches!(c.handle(ch, &mut fx), Err(JoinError::Protocol(_))));
+        assert!(fx.log.is_empty(), "nothing signed: {:?}", fx.log);
+    }
+
+    #[test]
+    fn history_keys_answer_challenges() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let old = fx.add("old");
+        let (mut c, _) = Ceremony::start(plan(Mode::Recovery, vec![a, old.clone()]));
+        let sol = solution(c.handle(challenge_for(&old.public_key).0, &mut fx).unwrap());
+        jws::verify(&sol, &old.public_key).unwrap();
+    }
+
+    #[test]
+    fn refusals_are_reported_with_their_code_and_clear_this_ceremonys_uncertainty() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let (mut c, _) = Ceremony::start(plan(Mode::Recovery, vec![a.clone()]));
+        solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
+        assert!(c.uncertain_after_failure());
+        let r = c.handle(
+            ServerMessage::error(ErrorCode::RecoveryLimitExceeded, "no recoveries left"),
+            &mut fx,
+        );
+        match r {
+            Err(JoinError::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::RecoveryLimitExceeded);
+                assert_eq!(message, "no recoveries left");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!c.uncertain_after_failure());
+
+        let mut p = plan(Mode::Recovery, vec![a]);
+        p.prior_uncertain = true;
+        let (mut c, _) = Ceremony::start(p);
+        let _ = c.handle(ServerMessage::error(ErrorCode::Internal, "x"), &mut fx);
+        assert!(
+            c.uncertain_after_failure(),
+            "an earlier lost result stays uncertain"
+        );
+    }
+
+    #[test]
+    fn prior_uncertainty_is_kept_through_a_rotation_and_not_marked_twice() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let mut p = plan(Mode::Recovery, vec![a.clone()]);
+        p.prior_uncertain = true;
+        let (mut c, _) = Ceremony::start(p);
+        solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
+        let _ = c
+            .handle(
+                ServerMessage::RotationRequest(RotationRequest {
+                    reason: RotationReason::RotationDue,
+                }),
+                &mut fx,
+            )
+            .unwrap();
+        assert_eq!(fx.log, vec!["sign a", "create new-1", "persist new-1 true"]);
+    }
+
+    #[test]
+    fn protocol_violations_are_refused() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        // Result before any proof.
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        assert!(matches!(
+            c.handle(result_naming(Some(&a.public_key)), &mut fx),
+            Err(JoinError::Protocol(_))
+        ));
+        // Result naming a key we do not hold.
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
+        assert!(matches!(
+            c.handle(result_naming(Some(&identity())), &mut fx),
+            Err(JoinError::KeyNotHeld { .. })
+        ));
+        // Result without a bound key.
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
+        assert!(matches!(
+            c.handle(result_naming(None), &mut fx),
+            Err(JoinError::Protocol(_))
+        ));
+        // Heartbeat ack in a ceremony.
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        assert!(matches!(
+            c.handle(ServerMessage::HeartbeatAck(Default::default()), &mut fx),
+            Err(JoinError::Protocol(_))
+        ));
+        // Endless rounds.
+        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let mut failed = false;
+        for _ in 0..=MAX_ROUNDS {
+            if c.handle(challenge_for(&a.public_key).0, &mut fx).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed);
+    }
+
+    #[test]
+    fn token_method_sends_token_join_and_accepts_a_result_directly() {
+        let mut fx = Fake::default();
+        let mut p = plan(Mode::FirstJoin, vec![]);
+        p.method = JoinMethod::Token;
+        p.token = Some("secret-token".into());
+        let (mut c, first) = Ceremony::start(p);
+        match first {
+            ClientMessage::TokenJoin(t) => assert_eq!(t.token.as_deref(), Some("secret-token")),
+            other => panic!("{other:?}"),
+        }
+        // Rotation and challenges are bound-keypair only.
+        assert!(c.handle(challenge_for(&identity()).0, &mut fx).is_err());
+        let (mut c, _) = Ceremony::start(Plan {
+            method: JoinMethod::Token,
+            token: None,
+            ..plan(Mode::Renewal, vec![])
+        });
+        let ServerMessage::Result(mut r) = result_naming(None) else {
+            unreachable!()
+        };
+        r.join_method = "token".into();
+        assert!(matches!(
+            c.handle(ServerMessage::Result(r), &mut fx).unwrap(),
+            Step::Done(_)
+        ));
+    }
+}

@@ -1,0 +1,417 @@
+//! The storage directory: everything the agent must remember between runs.
+//!
+//! Layout (documented in `docs/agent.md`):
+//!
+//! ```text
+//! STORAGE/            mode 0700, one agent at a time (exclusive lock on STORAGE/lock)
+//!   lock              lock file; holds the pid of the agent that owns the directory
+//!   state.json        mode 0600: versioned JSON, see [`State`]
+//!   keys/             the key store (file backend: NAME.pem; TPM backend: wrapped key blobs)
+//! ```
+//!
+//! Everything that changes when a join completes (new identity, the key the auth service now has
+//! bound, the join-state document) lives in the one `state.json` and is replaced with a single
+//! atomic rename, so no crash can leave a new certificate next to an old key reference or an old
+//! join state. Corrupt or truncated files are reported by name and never overwritten.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use boundkey_hal::Backend;
+use boundkey_proto::JoinMethod;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use crate::fsutil::{self, FsError};
+use crate::keyset::KeySet;
+
+pub const STATE_FILE: &str = "state.json";
+pub const LOCK_FILE: &str = "lock";
+pub const KEYS_DIR: &str = "keys";
+/// Version of `state.json` this build writes; older versions are upgraded on load.
+pub const STATE_VERSION: u32 = 1;
+const MAX_STATE_LEN: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Io(#[from] FsError),
+    #[error(
+        "storage directory {} is in use by another boundkeyd{} (one agent per storage directory: stop the other agent or use another --storage)",
+        dir.display(),
+        pid.as_ref().map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse { dir: PathBuf, pid: Option<String> },
+    #[error(
+        "{} is corrupt ({detail}); it was left untouched: restore it from a backup, or move it aside and onboard this device again with a new join token",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "{} was written by a newer boundkeyd (state version {found}, this build reads up to {STATE_VERSION}); upgrade boundkeyd",
+        path.display()
+    )]
+    TooNew { path: PathBuf, found: u64 },
+}
+
+/// A secret string (PEM private key): zeroed on drop, never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// How and where this device joins. Recorded at the first successful join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinInfo {
+    pub method: JoinMethod,
+    /// Token name (bound keypair). For the `token` method the token is a secret and is not kept.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// `HOST:PORT` of the auth service.
+    pub auth_server: String,
+    /// PEM of the auth service's TLS CA, learned (and pinned) at first contact.
+    #[serde(default)]
+    pub server_ca: Option<String>,
+}
+
+/// The current identity: what the last `Result` carried, plus the identity private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub bot_name: String,
+    pub instance_id: String,
+    pub generation: u64,
+    pub join_method: String,
+    pub not_before: i64,
+    pub expires: i64,
+    /// PEM certificate chain, leaf first.
+    pub certificate: String,
+    /// PEM identity CA bundle.
+    pub ca_bundle: String,
+    /// PKCS#8 PEM of the software P-256 identity key.
+    pub private_key: Secret,
+    /// Join-state document from the last join (bound keypair).
+    #[serde(default)]
+    pub join_state: Option<String>,
+}
+
+/// Marks that a ceremony may have been committed by the auth service without the agent having
+/// recorded its result (set before a challenge solution is sent, cleared when a result or a
+/// refusal arrives). While set, the next attempt reuses the recorded identity key and presents
+/// the same certificate and join state, so the auth service can recognise the retry and deliver
+/// the result again (`docs/protocol.md` §5.4). A mark without an identity key (written by an
+/// older agent) makes the agent recover instead of renewing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InFlight {
+    /// Unix seconds.
+    pub since: i64,
+    /// `first_join`, `renewal` or `recovery`.
+    pub ceremony: String,
+    /// PKCS#8 PEM of the interrupted ceremony's identity key.
+    #[serde(default)]
+    pub identity_key: Option<Secret>,
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub version: u32,
+    /// Key store backend holding the bound keys (`file` or `tpm`); fixed for the directory.
+    pub keystore: String,
+    #[serde(default)]
+    pub keys: KeySet,
+    #[serde(default)]
+    pub join: Option<JoinInfo>,
+    #[serde(default)]
+    pub identity: Option<Identity>,
+    #[serde(default)]
+    pub in_flight: Option<InFlight>,
+}
+
+impl State {
+    pub fn new(backend: Backend) -> Self {
+        State {
+            version: STATE_VERSION,
+            keystore: backend.as_str().to_string(),
+            keys: KeySet::default(),
+            join: None,
+            identity: None,
+            in_flight: None,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        // Validated on load.
+        self.keystore.parse().unwrap_or(Backend::File)
+    }
+}
+
+/// The storage directory, locked for this process.
+#[derive(Debug)]
+pub struct Storage {
+    dir: PathBuf,
+    /// Held for the life of the process; the OS releases the lock when it exits, however it exits.
+    _lock: File,
+}
+
+impl Storage {
+    /// Opens (creating with mode 0700) and exclusively locks `dir`.
+    pub fn open_locked(dir: &Path) -> Result<Storage, StorageError> {
+        fsutil::ensure_dir(dir, 0o700)?;
+        let meta = fs::metadata(dir).map_err(fsutil::fs_err(dir))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), "storage directory was accessible to other users; setting mode 0700");
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(fsutil::fs_err(dir))?;
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(fsutil::fs_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let pid = fs::read_to_string(&lock_path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty());
+                return Err(StorageError::InUse {
+                    dir: dir.to_path_buf(),
+                    pid,
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(fsutil::fs_err(&lock_path)(e).into()),
+        }
+        // Informational only (shown to a second agent); the lock itself is what counts.
+        let _ = lock.set_len(0);
+        let _ = writeln!(lock, "{}", std::process::id());
+        Ok(Storage {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.dir.join(KEYS_DIR)
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    pub fn load(&self) -> Result<Option<State>, StorageError> {
+        read_state(&self.dir)
+    }
+
+    /// Atomically replaces `state.json`.
+    pub fn save(&self, state: &State) -> Result<(), StorageError> {
+        let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| FsError {
+            path: self.state_path(),
+            source: io::Error::other(e),
+        })?;
+        bytes.push(b'\n');
+        let r = fsutil::write_atomic(&self.state_path(), &bytes, 0o600);
+        bytes.zeroize();
+        r.map_err(StorageError::from)
+    }
+}
+
+/// Reads `DIR/state.json` without taking the lock (for `status`; writes are atomic, so a reader
+/// sees either the old or the new file). `Ok(None)` if the agent never wrote one.
+pub fn read_state(dir: &Path) -> Result<Option<State>, StorageError> {
+    let path = dir.join(STATE_FILE);
+    let Some(mut bytes) = fsutil::read_limited(&path, MAX_STATE_LEN)? else {
+        return Ok(None);
+    };
+    let r = parse_state(&path, &bytes);
+    bytes.zeroize();
+    r.map(Some)
+}
+
+fn parse_state(path: &Path, bytes: &[u8]) -> Result<State, StorageError> {
+    let corrupt = |detail: String| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if bytes.is_empty() {
+        return Err(corrupt("empty file".into()));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON: {e}")))?;
+    let version = value
+        .get("version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| corrupt("no numeric \"version\" field".into()))?;
+    if version > u64::from(STATE_VERSION) {
+        return Err(StorageError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    if version == 0 {
+        return Err(corrupt("version 0 is not a valid state version".into()));
+    }
+    let state: State =
+        serde_json::from_value(value).map_err(|e| corrupt(format!("unexpected contents: {e}")))?;
+    if state.keystore.parse::<Backend>().is_err() {
+        return Err(corrupt(format!("unknown keystore {:?}", state.keystore)));
+    }
+    for k in state.keys.all() {
+        if boundkey_hal::KeyName::new(&k.name).is_err() || k.p256().is_none() {
+            return Err(corrupt(format!("invalid key reference {:?}", k.name)));
+        }
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyset::KeyRef;
+
+    fn sample() -> State {
+        let pk = p256::SecretKey::random(&mut rand_core::OsRng).public_key();
+        let mut s = State::new(Backend::File);
+        s.keys.set_active(KeyRef {
+            name: "bound-1-ab".into(),
+            public_key: boundkey_proto::ssh_public_key(&pk),
+            created_at: 1,
+        });
+        s.join = Some(JoinInfo {
+            method: JoinMethod::BoundKeypair,
+            token: Some("tok".into()),
+            auth_server: "127.0.0.1:1".into(),
+            server_ca: None,
+        });
+        s.identity = Some(Identity {
+            bot_name: "b".into(),
+            instance_id: "i".into(),
+            generation: 3,
+            join_method: "bound_keypair".into(),
+            not_before: 1,
+            expires: 2,
+            certificate: "C".into(),
+            ca_bundle: "CA".into(),
+            private_key: Secret("KEY".into()),
+            join_state: Some("js".into()),
+        });
+        s
+    }
+
+    #[test]
+    fn round_trip_and_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let st = Storage::open_locked(&d.path().join("s")).unwrap();
+        assert!(st.load().unwrap().is_none());
+        let s = sample();
+        st.save(&s).unwrap();
+        assert_eq!(st.load().unwrap(), Some(s));
+        let mode = fs::metadata(st.state_path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = fs::metadata(st.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dmode, 0o700);
+    }
+
+    #[test]
+    fn second_lock_is_refused_with_a_clear_message() {
+        let d = tempfile::tempdir().unwrap();
+        let _a = Storage::open_locked(d.path()).unwrap();
+        let e = Storage::open_locked(d.path()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, StorageError::InUse { .. }), "{msg}");
+        assert!(msg.contains("in use by another boundkeyd"), "{msg}");
+        assert!(msg.contains(&std::process::id().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn lock_is_released_on_drop() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Storage::open_locked(d.path()).unwrap());
+        Storage::open_locked(d.path()).unwrap();
+    }
+
+    #[test]
+    fn corrupt_and_truncated_files_name_the_file_and_stay_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let st = Storage::open_locked(d.path()).unwrap();
+        st.save(&sample()).unwrap();
+        let good = fs::read(st.state_path()).unwrap();
+        let cases: Vec<Vec<u8>> = vec![
+            good[..good.len() / 2].to_vec(),
+            Vec::new(),
+            b"garbage".to_vec(),
+            br#"{"keystore":"file"}"#.to_vec(),
+            br#"{"version":1,"keystore":"floppy"}"#.to_vec(),
+            br#"{"version":1,"keystore":"file","surprise":1}"#.to_vec(),
+            br#"{"version":1,"keystore":"file","keys":{"active":{"name":"../x","public_key":"p","created_at":1}}}"#.to_vec(),
+        ];
+        for bad in cases {
+            fs::write(st.state_path(), &bad).unwrap();
+            let e = st.load().unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, StorageError::Corrupt { .. }), "{msg}");
+            assert!(
+                msg.contains(&st.state_path().display().to_string()),
+                "{msg}"
+            );
+            assert_eq!(fs::read(st.state_path()).unwrap(), bad);
+        }
+    }
+
+    #[test]
+    fn newer_versions_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(
+            d.path().join(STATE_FILE),
+            br#"{"version":99,"keystore":"file"}"#,
+        )
+        .unwrap();
+        let e = read_state(d.path()).unwrap_err();
+        assert!(matches!(e, StorageError::TooNew { found: 99, .. }), "{e}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_identity_key() {
+        let s = sample();
+        assert!(!format!("{s:?}").contains("KEY\""));
+    }
+
+    #[test]
+    fn wide_permissions_are_tightened() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        fs::create_dir(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        let _st = Storage::open_locked(&p).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! Kill the agent (abort: no destructors, no flushing) at every step of a rotation and of a first
+//! join, then check that the next `--oneshot` run joins again, that the device and the auth
+//! service agree on the bound key, and that no crash cost a recovery or created a lock: a result
+//! lost after the service committed is delivered again (`docs/protocol.md` §5.4).
+//!
+//! Crash points exist in debug builds only (`BOUNDKEY_CRASH_AT`, see `src/crash.rs`).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn s(v: &Value) -> String {
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
+}
+
+/// Every step of a rotating renewal: Init, the old key's proof, key creation, its persistence,
+/// the RotationResponse, the new key's proof, the Result, the state write, the output write.
+const ROTATION_STEPS: &[&str] = &[
+    "after-init-sent",
+    "after-solution-sent:1",
+    "after-key-created",
+    "after-key-persisted",
+    "after-rotation-response-sent",
+    "after-solution-sent:2",
+    "after-result-received",
+    "after-state-written",
+    "after-outputs-written",
+];
+
+#[test]
+#[cfg(debug_assertions)]
+fn a_crash_at_any_step_of_a_rotation_never_bricks_the_device() {
+    let auth = AuthServer::start();
+    // The default recovery limit (1): the first join uses it, so no crash may cost another.
+    let tok = auth.bot_with_token("crashy", &[]);
+    let d = Device::new();
+    d.join(&tok.join_uri);
+
+    for step in ROTATION_STEPS {
+        let t = auth.token(&tok.name);
+        let before = s(&t["bound_public_key"]);
+        // Rotation times have one-second resolution: a request in the same second as the last
+        // rotation is not "later" than it.
+        let last = t["last_rotated_at"].as_i64().unwrap_or(0);
+        wait_for("the next second", std::time::Duration::from_secs(5), || {
+            (unix_now() > last).then_some(())
+        });
+        auth.ctl_json(&["bound-keypair", "request-rotation", &tok.name]);
+
+        let o = d
+            .start_cmd(&["--oneshot"])
+            .env("BOUNDKEY_CRASH_AT", step)
+            .output()
+            .expect("run boundkeyd");
+        assert_eq!(
+            signal_of(&o),
+            Some(libc::SIGABRT),
+            "{step}: expected an abort, got {:?}\n{}",
+            o.status,
+            stderr(&o)
+        );
+
+        let o = d.oneshot(&[]);
+        assert!(
+            o.status.success(),
+            "{step}: the device could not join again: {:?}\n{}\n--- authd log ---\n{}",
+            o.status,
+            stderr(&o),
+            auth.log()
+        );
+        if let Some(l) = stderr(&o).lines().find(|l| l.contains("new identity")) {
+            eprintln!("{step}: retry gave {l}");
+        }
+        let st = d.status();
+        let bound = s(&auth.token(&tok.name)["bound_public_key"]);
+        assert_eq!(
+            bound,
+            s(&st["public_key"]),
+            "{step}: device and service disagree on the bound key"
+        );
+        assert_ne!(bound, before, "{step}: the rotation never completed");
+        assert_eq!(st["interrupted_ceremony"], false, "{step}");
+        d.verify_outputs();
+        // No orphan keys: exactly the active key, the pending one (none) and the history.
+        if let Some(n) = d.key_files() {
+            let held = 1
+                + st["key_history"].as_u64().unwrap_or(0) as usize
+                + usize::from(!st["pending_kid"].is_null());
+            assert_eq!(n, held, "{step}: key files vs keys in the state");
+        }
+    }
+    // No lock was ever created along the way, and no crash consumed a recovery.
+    assert!(auth.locks().is_empty(), "{:?}", auth.locks());
+    assert_eq!(auth.token(&tok.name)["recovery_count"], 1);
+}
+
+#[test]
+#[cfg(debug_assertions)]
+fn a_crash_while_the_first_join_result_arrives_does_not_brick_the_device() {
+    let auth = AuthServer::start();
+    for step in ["after-solution-sent", "after-result-received"] {
+        let tok = auth.bot_with_token(&format!("first-{}", step.len()), &[]);
+        let d = Device::new();
+        let o = d
+            .start_cmd(&["--oneshot", "--join-uri", &tok.join_uri])
+            .env("BOUNDKEY_CRASH_AT", step)
+            .output()
+            .expect("run boundkeyd");
+        assert_eq!(signal_of(&o), Some(libc::SIGABRT), "{step}: {}", stderr(&o));
+        // The service commits (the secret used, the single recovery consumed) even though the
+        // agent died: it may still be finishing when the agent is gone.
+        wait_for(
+            "the lost first join's commit",
+            std::time::Duration::from_secs(10),
+            || (auth.token(&tok.name)["recovery_count"] == 1).then_some(()),
+        );
+        let o = d.oneshot(&["--join-uri", &tok.join_uri]);
+        assert!(
+            o.status.success(),
+            "{step}: {}
+{}",
+            stderr(&o),
+            auth.log()
+        );
+        let t = auth.token(&tok.name);
+        assert_eq!(
+            t["recovery_count"], 1,
+            "{step}: delivered again, no recovery used"
+        );
+        assert_eq!(
+            s(&t["bound_public_key"]),
+            s(&d.status()["public_key"]),
+            "{step}"
+        );
+        d.verify_outputs();
+        // And the device renews normally afterwards.
+        assert!(d.oneshot(&[]).status.success(), "{step}");
+    }
+    assert!(auth.locks().is_empty(), "{:?}", auth.locks());
+}
