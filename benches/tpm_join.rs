@@ -22,58 +22,24 @@
 //! * HAL in-process: the same operations through `boundkey-hal` (tss-esapi) in this process, to
 //!   separate the TPM's own cost from process and tool start-up.
 //!
-//! The binaries come from `target/release` when all three (boundkeyd, boundkey-authd,
-//! boundkeyctl) are there, else from `target/debug`; the run says which. Numbers are printed,
-//! never asserted. A run takes well under a minute with release binaries.
+//! The binaries are the bench profile's (`target/release`), started through the end-to-end test
+//! harness (`tests/common`), so build the server binaries in release first. Numbers are printed,
+//! never asserted. A run takes well under a minute.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use boundkey_hal::{Digest, KeyName, KeyStore, TpmConfig, TpmKeyStore};
-use boundkey_testkit::{ChildGuard, Swtpm};
-use serde_json::Value;
+use boundkey_testkit::Swtpm;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{boundkeyd, AuthServer};
 
 const JOINS: usize = 10;
 const RENEWALS: usize = 20;
-
-struct Bins {
-    boundkeyd: PathBuf,
-    authd: PathBuf,
-    ctl: PathBuf,
-    profile: &'static str,
-    dir: PathBuf,
-}
-
-fn find_bins() -> Bins {
-    let own = PathBuf::from(env!("CARGO_BIN_EXE_boundkeyd"));
-    let target = own
-        .parent()
-        .and_then(Path::parent)
-        .expect("boundkeyd lives in target/<profile>/")
-        .to_path_buf();
-    for profile in ["release", "debug"] {
-        let dir = target.join(profile);
-        let [boundkeyd, authd, ctl] =
-            ["boundkeyd", "boundkey-authd", "boundkeyctl"].map(|b| dir.join(b));
-        if boundkeyd.exists() && authd.exists() && ctl.exists() {
-            return Bins {
-                boundkeyd,
-                authd,
-                ctl,
-                profile,
-                dir,
-            };
-        }
-    }
-    panic!(
-        "boundkey-authd/boundkeyctl not found in {}/{{release,debug}}: run `cargo build --release --workspace --bins` first",
-        target.display()
-    );
-}
 
 #[track_caller]
 fn ok(o: &Output, what: &str) {
@@ -94,96 +60,17 @@ fn timed(cmd: &mut Command, what: &str) -> Duration {
     d
 }
 
-struct Auth {
-    _child: ChildGuard,
-    data_dir: PathBuf,
-    ctl: PathBuf,
-}
-
-impl Auth {
-    fn start(bins: &Bins, dir: &Path) -> Auth {
-        let data_dir = dir.join("auth");
-        let log = File::create(dir.join("authd.log")).expect("authd log");
-        let mut child = ChildGuard::spawn(
-            Command::new(&bins.authd)
-                .args(["start", "--listen", "127.0.0.1:0", "--cluster", "bench"])
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::from(log)),
-        )
-        .expect("spawn boundkey-authd");
-        let out = child
-            .child()
-            .and_then(|c| c.stdout.take())
-            .expect("authd stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let end = Instant::now() + Duration::from_secs(60);
-        let mut listening = false;
-        while !listening {
-            let left = end.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "boundkey-authd did not start: {}",
-                    std::fs::read_to_string(dir.join("authd.log")).unwrap_or_default()
-                )
-            });
-            listening = line.starts_with("listening: ");
-        }
-        Auth {
-            _child: child,
-            data_dir,
-            ctl: bins.ctl.clone(),
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> Value {
-        let o = Command::new(&self.ctl)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["--format", "json"])
-            .args(args)
-            .output()
-            .expect("run boundkeyctl");
-        ok(&o, "boundkeyctl");
-        serde_json::from_slice(&o.stdout).expect("boundkeyctl JSON")
-    }
-
-    /// A new bot with a bound-keypair token (registration secret in the URI).
-    fn join_uri(&self, bot: &str) -> String {
-        self.ctl(&["bots", "add", bot]);
-        let t = self.ctl(&[
-            "tokens",
-            "add",
-            "--bot",
-            bot,
-            "--join-method",
-            "bound_keypair",
-        ]);
-        t["join_uri"].as_str().expect("join_uri").to_string()
-    }
-}
-
 /// `boundkeyd start --oneshot` on one storage directory with one key store.
-struct Agent<'a> {
-    bin: &'a Path,
+struct Agent {
     storage: PathBuf,
     destination: PathBuf,
     keystore: Vec<String>,
 }
 
-impl Agent<'_> {
+impl Agent {
     fn run(&self, extra: &[&str]) -> Duration {
         timed(
-            Command::new(self.bin)
+            Command::new(boundkeyd())
                 .args(["start", "--oneshot", "--log-level", "warn", "--storage"])
                 .arg(&self.storage)
                 .arg("--destination")
@@ -199,22 +86,20 @@ impl Agent<'_> {
 
 /// First joins (one fresh token and storage directory each), then renewals of the first one.
 fn agent_runs(
-    bins: &Bins,
-    auth: &Auth,
+    auth: &AuthServer,
     dir: &Path,
     label: &str,
     keystore: &[String],
 ) -> (Vec<Duration>, Vec<Duration>) {
     let agent = |i: usize| Agent {
-        bin: &bins.boundkeyd,
         storage: dir.join(format!("{label}-{i}/storage")),
         destination: dir.join(format!("{label}-{i}/out")),
         keystore: keystore.to_vec(),
     };
     let joins: Vec<Duration> = (0..JOINS)
         .map(|i| {
-            let uri = auth.join_uri(&format!("bench-{label}-{i}"));
-            agent(i).run(&["--join-uri", &uri])
+            let token = auth.bot_with_token(&format!("bench-{label}-{i}"), &[]);
+            agent(i).run(&["--join-uri", &token.join_uri])
         })
         .collect();
     let a = agent(0);
@@ -442,21 +327,16 @@ fn main() {
     // libtss2 logs its own errors to stderr; none are expected, and none should clutter the table.
     std::env::set_var("TSS2_LOG", "all+none");
     let started = Instant::now();
-    let bins = find_bins();
     let dir = tempfile::tempdir().expect("tempdir");
     let tpm = Swtpm::start();
-    let auth = Auth::start(&bins, dir.path());
+    let auth = AuthServer::start();
 
     println!("boundkey: TPM join benchmark");
     println!(
-        "binaries: {} ({}){}",
-        bins.profile,
-        bins.dir.display(),
-        if bins.profile == "debug" {
-            " -- run `cargo build --release --workspace --bins` for release numbers"
-        } else {
-            ""
-        }
+        "binaries: {}",
+        boundkeyd()
+            .parent()
+            .map_or_else(String::new, |p| p.display().to_string())
     );
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
@@ -478,8 +358,8 @@ fn main() {
         tpm.tcti(),
     ];
     let file_args = vec!["--keystore".to_string(), "file".to_string()];
-    let (tpm_joins, tpm_renewals) = agent_runs(&bins, &auth, dir.path(), "tpm", &tpm_args);
-    let (file_joins, file_renewals) = agent_runs(&bins, &auth, dir.path(), "file", &file_args);
+    let (tpm_joins, tpm_renewals) = agent_runs(&auth, dir.path(), "tpm", &tpm_args);
+    let (file_joins, file_renewals) = agent_runs(&auth, dir.path(), "file", &file_args);
     let tools = tool_runs(&tpm, dir.path());
     let (hal_joins, hal_renewals) = hal_runs(&tpm, dir.path());
 

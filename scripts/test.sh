@@ -10,6 +10,10 @@ boundkey_install_deps
 # libtss2 logs every TPM error response at WARNING; tests provoke many on purpose.
 export TSS2_LOG="${TSS2_LOG:-all+none}"
 
+for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
