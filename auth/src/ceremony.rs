@@ -33,7 +33,7 @@ use subtle::ConstantTimeEq;
 use crate::admin::hash_secret;
 use crate::authority::{Authority, IdentityClaims, VerifiedIdentity};
 use crate::model::{
-    event, AuditEvent, Authentication, BotInstance, Lock, LockTarget, Token,
+    event, AuditEvent, Authentication, BotInstance, BoundKeypairSpec, Lock, LockTarget, Token,
     INSTANCE_EXPIRY_GRACE_SECS,
 };
 use crate::outcome::{messages, Refusal, Step, Success};
@@ -101,6 +101,8 @@ pub struct Ceremony {
     authority: Arc<Authority>,
     peer: Peer,
     token: Token,
+    /// The token's bound-keypair spec (`start` refuses tokens without one).
+    bk: BoundKeypairSpec,
     instance: Option<BotInstance>,
     bound_instance: Option<BotInstance>,
     locks: Vec<Lock>,
@@ -154,14 +156,15 @@ impl Ceremony {
                 "unknown token",
             );
         };
-        if token.spec.join_method != JoinMethod::BoundKeypair || token.spec.bound_keypair.is_none()
-        {
+        let (JoinMethod::BoundKeypair, Some(bk)) =
+            (token.spec.join_method, token.spec.bound_keypair.clone())
+        else {
             return deny(
                 ErrorCode::AccessDenied,
                 messages::ACCESS_DENIED,
                 "token is not a bound_keypair token",
             );
-        }
+        };
         if token.is_expired(now) {
             return deny(
                 ErrorCode::AccessDenied,
@@ -239,6 +242,7 @@ impl Ceremony {
             authority,
             peer,
             token,
+            bk,
             instance,
             bound_instance,
             locks: snapshot.locks,
@@ -259,13 +263,8 @@ impl Ceremony {
         (Some(c), step)
     }
 
-    fn bk(&self) -> &crate::model::BoundKeypairSpec {
-        // start() refused tokens without a bound_keypair spec.
-        self.token
-            .spec
-            .bound_keypair
-            .as_ref()
-            .expect("checked in start")
+    fn bk(&self) -> &BoundKeypairSpec {
+        &self.bk
     }
 
     fn begin(&mut self, secret: Option<String>, now: UnixTime) -> Step {
