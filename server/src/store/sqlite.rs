@@ -185,6 +185,27 @@ impl SqliteStore {
     fn err(&self, e: rusqlite::Error) -> StoreError {
         StoreError::Backend(format!("{}: {e}", self.path.display()))
     }
+
+    /// Every row of a `(name, doc)` table (bots, locks), decoded, in name order. `table` is
+    /// one of this module's constants, never input.
+    fn list_named_docs<T: DeserializeOwned>(
+        &self,
+        table: &'static str,
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(&format!("SELECT name, doc FROM {table} ORDER BY name"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| {
+            let (name, doc) = r.map_err(|e| self.err(e))?;
+            from_json(&format!("{what} {name}"), &doc)
+        })
+        .collect()
+    }
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
@@ -273,18 +294,7 @@ impl Store for SqliteStore {
     }
 
     fn list_bots(&self) -> Result<Vec<Bot>, StoreError> {
-        let conn = self.conn()?;
-        let mut stmt = conn
-            .prepare("SELECT name, doc FROM bots ORDER BY name")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(|e| self.err(e))?;
-        rows.map(|r| {
-            let (name, doc) = r.map_err(|e| self.err(e))?;
-            from_json(&format!("bot {name}"), &doc)
-        })
-        .collect()
+        self.list_named_docs("bots", "bot")
     }
 
     fn delete_bot(&self, name: &str) -> Result<bool, StoreError> {
@@ -502,18 +512,7 @@ impl Store for SqliteStore {
     }
 
     fn list_locks(&self) -> Result<Vec<Lock>, StoreError> {
-        let conn = self.conn()?;
-        let mut stmt = conn
-            .prepare("SELECT name, doc FROM locks ORDER BY name")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(|e| self.err(e))?;
-        rows.map(|r| {
-            let (name, doc) = r.map_err(|e| self.err(e))?;
-            from_json(&format!("lock {name}"), &doc)
-        })
-        .collect()
+        self.list_named_docs("locks", "lock")
     }
 
     fn delete_lock(&self, name: &str) -> Result<bool, StoreError> {
