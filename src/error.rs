@@ -37,7 +37,7 @@ pub enum AgentError {
     Refused { code: ErrorCode, message: String },
     #[error("the auth service broke the protocol: {0} (check that boundkeyd and boundkey-authd versions match)")]
     Protocol(String),
-    #[error("the auth service asked this device to prove key {kid}, which it does not hold; if the token was recreated for another key, onboard this device with a new storage directory")]
+    #[error("the join token is bound to key {kid}, which this device does not hold: the token already belongs to another device (every device needs its own token: boundkeyctl tokens add), or it was recreated for another key (onboard this device with a new storage directory)")]
     KeyNotHeld { kid: String },
     #[error("the key store produced a signature that does not verify (key {0}); the key store or TPM is faulty")]
     BadSignature(String),
