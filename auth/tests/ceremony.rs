@@ -466,6 +466,24 @@ fn rotation_due_during_registration_is_satisfied_by_the_registration_key() {
 
 // ---- Join state ---------------------------------------------------------------------------
 
+/// A join-state document signed by the service's real join-state key, for bot `robot`, with
+/// the given instance and sequence: only the claim checks can refuse it.
+fn signed_join_state(w: &World, instance_id: &str, recovery_sequence: u32) -> String {
+    let claims = JoinStateClaims {
+        iss: "test-cluster".into(),
+        aud: "test-cluster".into(),
+        sub: "robot".into(),
+        iat: w.now,
+        nbf: w.now,
+        instance_id: instance_id.into(),
+        recovery_sequence,
+        recovery_limit: 3,
+        recovery_mode: RecoveryMode::Standard,
+    };
+    let a = boundkey_auth::authority::Authority::load(&w.state).unwrap();
+    a.sign_join_state(&claims).unwrap()
+}
+
 fn join_state_refusal(w: &World, d: &mut Device) {
     let e = d.recover(w, "tok").unwrap_err();
     assert_eq!(e.code, ErrorCode::AccessDenied);
@@ -526,20 +544,12 @@ fn join_state_with_an_old_recovery_sequence_is_a_clone_and_locks_the_token() {
 fn join_state_naming_another_instance_locks_the_token() {
     let w = World::new();
     let mut d = registered(&w, 3, RecoveryMode::Standard);
-    let a = boundkey_auth::authority::Authority::load(&w.state).unwrap();
     let t = w.token("tok");
-    let forged = JoinStateClaims {
-        iss: "test-cluster".into(),
-        aud: "test-cluster".into(),
-        sub: "robot".into(),
-        iat: w.now,
-        nbf: w.now,
-        instance_id: "00000000-0000-4000-8000-000000000000".into(),
-        recovery_sequence: t.status.recovery_count,
-        recovery_limit: 3,
-        recovery_mode: RecoveryMode::Standard,
-    };
-    d.join_state = Some(a.sign_join_state(&forged).unwrap());
+    d.join_state = Some(signed_join_state(
+        &w,
+        "00000000-0000-4000-8000-000000000000",
+        t.status.recovery_count,
+    ));
     join_state_refusal(&w, &mut d);
 }
 
@@ -861,21 +871,13 @@ fn identity_certificates_from_another_authority_are_refused() {
 fn join_state_with_a_stale_sequence_for_the_bound_instance_locks_the_token() {
     let w = World::new();
     let mut d = registered(&w, 3, RecoveryMode::Standard);
-    let a = boundkey_auth::authority::Authority::load(&w.state).unwrap();
     let t = w.token("tok");
     // Everything right (signer, instance) except the sequence: only that check can refuse it.
-    let stale = JoinStateClaims {
-        iss: "test-cluster".into(),
-        aud: "test-cluster".into(),
-        sub: "robot".into(),
-        iat: w.now,
-        nbf: w.now,
-        instance_id: t.status.bound_instance_id.clone().unwrap(),
-        recovery_sequence: t.status.recovery_count - 1,
-        recovery_limit: 3,
-        recovery_mode: RecoveryMode::Standard,
-    };
-    d.join_state = Some(a.sign_join_state(&stale).unwrap());
+    d.join_state = Some(signed_join_state(
+        &w,
+        t.status.bound_instance_id.as_deref().unwrap(),
+        t.status.recovery_count - 1,
+    ));
     join_state_refusal(&w, &mut d);
 }
 
@@ -1030,19 +1032,7 @@ fn no_redelivery_with_a_join_state_more_than_one_step_old() {
     w.advance(7200);
     d.join_lost(&w, "tok", None, false);
     // Right predecessor instance, wrong sequence: only the one-step rule can refuse it.
-    let a = boundkey_auth::authority::Authority::load(&w.state).unwrap();
-    let forged = JoinStateClaims {
-        iss: "test-cluster".into(),
-        aud: "test-cluster".into(),
-        sub: "robot".into(),
-        iat: w.now,
-        nbf: w.now,
-        instance_id: old_instance,
-        recovery_sequence: 0,
-        recovery_limit: 3,
-        recovery_mode: RecoveryMode::Standard,
-    };
-    d.join_state = Some(a.sign_join_state(&forged).unwrap());
+    d.join_state = Some(signed_join_state(&w, &old_instance, 0));
     assert_eq!(
         d.recover(&w, "tok").unwrap_err().code,
         ErrorCode::AccessDenied
