@@ -227,8 +227,7 @@ impl Agent {
             .or_else(|| stored.and_then(|s| s.token.clone()));
         let endpoint = match (&j.auth_server, stored) {
             (Some(e), _) => e.clone(),
-            (None, Some(s)) => Endpoint::parse(&s.auth_server)
-                .map_err(|e| AgentError::Usage(format!("stored auth server address: {e}")))?,
+            (None, Some(s)) => s.auth_server.clone(),
             (None, None) => {
                 return Err(AgentError::Usage(
                     "no auth service address configured: pass --join-uri".into(),
@@ -519,7 +518,7 @@ impl Agent {
                 JoinMethod::BoundKeypair => p.token.clone(),
                 JoinMethod::Token => None,
             },
-            auth_server: p.endpoint.to_string(),
+            auth_server: p.endpoint.clone(),
             server_ca: learned_ca
                 .map(|c| transport::cert_to_pem(c.as_ref()))
                 .or(previous_ca),
@@ -748,7 +747,7 @@ pub async fn send_heartbeat(
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
         one_shot: t.one_shot,
-        keystore: t.keystore.as_str().to_string(),
+        keystore: t.keystore,
     };
     let fut = async {
         let mut conn = transport::connect(&t.endpoint, &t.trust, Some(&t.client)).await?;

@@ -283,10 +283,7 @@ impl JoinFields {
         JoinFields {
             method: Some(u.method),
             token: Some(u.token),
-            auth_server: Some(Endpoint {
-                host: u.host,
-                port: u.port,
-            }),
+            auth_server: Some(u.endpoint),
             ca_pin: u.ca_pin,
             secret: u.registration_secret.map(Zeroizing::new),
         }
@@ -402,9 +399,9 @@ pub fn merge(
             .auth_server
             .as_deref()
             .map(|s| {
-                Endpoint::parse(s).map_err(|detail| ConfigError::Invalid {
+                s.parse::<Endpoint>().map_err(|e| ConfigError::Invalid {
                     what: "auth_server in the config file".into(),
-                    detail,
+                    detail: e.to_string(),
                 })
             })
             .transpose()?,

@@ -293,7 +293,7 @@ impl Ceremony {
                 )))
             }
             ServerMessage::Result(result) => {
-                if result.join_method != self.plan.method.as_str() {
+                if result.join_method != self.plan.method {
                     return Err(JoinError::Protocol(format!(
                         "result is for join method {:?}, expected {}",
                         result.join_method, self.plan.method
@@ -449,7 +449,7 @@ mod tests {
             bot_name: "bot".into(),
             instance_id: "inst".into(),
             generation: 2,
-            join_method: "bound_keypair".into(),
+            join_method: JoinMethod::BoundKeypair,
             certificate: "CERT".into(),
             ca_bundle: "CA".into(),
             not_before: 1,
@@ -741,7 +741,7 @@ mod tests {
         let ServerMessage::Result(mut r) = result_naming(None) else {
             unreachable!()
         };
-        r.join_method = "token".into();
+        r.join_method = JoinMethod::Token;
         assert!(matches!(
             c.handle(ServerMessage::Result(r), &mut fx).unwrap(),
             Step::Done(_)

@@ -150,7 +150,7 @@ mod tests {
             bot_name: "b".into(),
             instance_id: "i".into(),
             generation,
-            join_method: "bound_keypair".into(),
+            join_method: boundkey_proto::JoinMethod::BoundKeypair,
             not_before: 0,
             expires: 1,
             certificate: format!("CERT {generation}"),

@@ -83,7 +83,7 @@ pub struct JoinInfo {
     #[serde(default)]
     pub token: Option<String>,
     /// `HOST:PORT` of the auth service.
-    pub auth_server: String,
+    pub auth_server: boundkey_proto::Endpoint,
     /// PEM of the auth service's TLS CA, learned (and pinned) at first contact.
     #[serde(default)]
     pub server_ca: Option<String>,
@@ -96,7 +96,7 @@ pub struct Identity {
     pub bot_name: String,
     pub instance_id: String,
     pub generation: u64,
-    pub join_method: String,
+    pub join_method: JoinMethod,
     pub not_before: i64,
     pub expires: i64,
     /// PEM certificate chain, leaf first.
@@ -134,7 +134,7 @@ pub struct InFlight {
 pub struct State {
     pub version: u32,
     /// Key store backend holding the bound keys (`file` or `tpm`); fixed for the directory.
-    pub keystore: String,
+    pub keystore: Backend,
     #[serde(default)]
     pub keys: KeySet,
     #[serde(default)]
@@ -149,7 +149,7 @@ impl State {
     pub fn new(backend: Backend) -> Self {
         State {
             version: STATE_VERSION,
-            keystore: backend.as_str().to_string(),
+            keystore: backend,
             keys: KeySet::default(),
             join: None,
             identity: None,
@@ -158,8 +158,7 @@ impl State {
     }
 
     pub fn backend(&self) -> Backend {
-        // Validated on load.
-        self.keystore.parse().unwrap_or(Backend::File)
+        self.keystore
     }
 }
 
@@ -279,9 +278,6 @@ fn parse_state(path: &Path, bytes: &[u8]) -> Result<State, StorageError> {
     }
     let state: State =
         serde_json::from_value(value).map_err(|e| corrupt(format!("unexpected contents: {e}")))?;
-    if state.keystore.parse::<Backend>().is_err() {
-        return Err(corrupt(format!("unknown keystore {:?}", state.keystore)));
-    }
     for k in state.keys.all() {
         if boundkey_hal::KeyName::new(&k.name).is_err() || k.p256().is_none() {
             return Err(corrupt(format!("invalid key reference {:?}", k.name)));
@@ -306,14 +302,14 @@ mod tests {
         s.join = Some(JoinInfo {
             method: JoinMethod::BoundKeypair,
             token: Some("tok".into()),
-            auth_server: "127.0.0.1:1".into(),
+            auth_server: boundkey_proto::Endpoint::new("127.0.0.1", 1),
             server_ca: None,
         });
         s.identity = Some(Identity {
             bot_name: "b".into(),
             instance_id: "i".into(),
             generation: 3,
-            join_method: "bound_keypair".into(),
+            join_method: JoinMethod::BoundKeypair,
             not_before: 1,
             expires: 2,
             certificate: "C".into(),

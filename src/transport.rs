@@ -84,56 +84,7 @@ impl TransportError {
     }
 }
 
-/// `HOST:PORT` of the auth service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-}
-
-impl Endpoint {
-    /// Parses `host:port`, `1.2.3.4:port` or `[v6]:port`.
-    pub fn parse(s: &str) -> Result<Endpoint, String> {
-        let s = s.trim();
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, p) = rest
-                .split_once(']')
-                .ok_or_else(|| format!("invalid address {s:?}"))?;
-            (
-                h,
-                p.strip_prefix(':')
-                    .ok_or_else(|| format!("address {s:?} has no port"))?,
-            )
-        } else {
-            s.rsplit_once(':')
-                .ok_or_else(|| format!("address {s:?} has no port (expected HOST:PORT)"))?
-        };
-        if host.is_empty() || host.contains(':') && !s.starts_with('[') {
-            return Err(format!(
-                "invalid address {s:?} (expected HOST:PORT or [IPv6]:PORT)"
-            ));
-        }
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("invalid port in {s:?}"))?;
-        Ok(Endpoint {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
+pub use boundkey_proto::Endpoint;
 
 /// How the server is authenticated.
 #[derive(Debug, Clone)]
@@ -562,23 +513,6 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_parse() {
-        assert_eq!(
-            Endpoint::parse("auth.example:3025").unwrap(),
-            Endpoint {
-                host: "auth.example".into(),
-                port: 3025
-            }
-        );
-        let v6 = Endpoint::parse("[::1]:443").unwrap();
-        assert_eq!((v6.host.as_str(), v6.port), ("::1", 443));
-        assert_eq!(v6.to_string(), "[::1]:443");
-        for bad in ["host", "host:0", ":1", "host:x", "::1:443", "[::1]443"] {
-            assert!(Endpoint::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     /// `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 …`; its pin computed with
     /// `openssl x509 -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum`.

@@ -830,7 +830,7 @@ impl Ceremony {
             bot_name: self.token.spec.bot_name.clone(),
             instance_id: instance.spec.instance_id.clone(),
             generation: instance.status.generation,
-            join_method: JoinMethod::BoundKeypair.as_str().into(),
+            join_method: JoinMethod::BoundKeypair,
             certificate: issued.certificate_pem,
             ca_bundle: self.authority.identity_ca_bundle(now),
             not_before: issued.not_before,

@@ -69,13 +69,7 @@ pub fn decide(
             "bot instance no longer exists",
         ));
     };
-    for f in [
-        &mut hb.version,
-        &mut hb.hostname,
-        &mut hb.os,
-        &mut hb.arch,
-        &mut hb.keystore,
-    ] {
+    for f in [&mut hb.version, &mut hb.hostname, &mut hb.os, &mut hb.arch] {
         clip(f);
     }
     inst.record_heartbeat(HeartbeatRecord {

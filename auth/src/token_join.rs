@@ -251,7 +251,7 @@ pub fn decide(
         bot_name: instance.spec.bot_name.clone(),
         instance_id: instance.spec.instance_id.clone(),
         generation: instance.status.generation,
-        join_method: JoinMethod::Token.as_str().into(),
+        join_method: JoinMethod::Token,
         certificate: issued.certificate_pem,
         ca_bundle: authority.identity_ca_bundle(now),
         not_before: issued.not_before,

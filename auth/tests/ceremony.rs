@@ -992,7 +992,16 @@ fn no_redelivery_once_the_new_certificate_was_used() {
     d.in_flight = Some(identity);
     d.renew(&w, "tok").unwrap();
     w.advance(1);
-    let hb = boundkey_proto::Heartbeat::default();
+    let hb = boundkey_proto::Heartbeat {
+        is_startup: true,
+        version: "test".into(),
+        hostname: "device".into(),
+        uptime_secs: 1,
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        one_shot: false,
+        keystore: boundkey_proto::KeyBackend::File,
+    };
     let a = w
         .svc
         .open(d.connection(true), ClientMessage::Heartbeat(hb), w.now)

@@ -67,7 +67,7 @@ impl Agent {
             os: "linux".into(),
             arch: "x86_64".into(),
             one_shot: false,
-            keystore: "file".into(),
+            keystore: boundkey_proto::KeyBackend::File,
         };
         w.svc
             .open(self.conn(), ClientMessage::Heartbeat(hb), w.now)

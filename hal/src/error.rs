@@ -32,8 +32,6 @@ pub enum HalError {
     },
     #[error("invalid key name {0:?}")]
     InvalidKeyName(String),
-    #[error("unknown key store backend {0:?} (expected file or tpm)")]
-    UnknownBackend(String),
     #[error("invalid P-256 public key")]
     InvalidPublicKey,
     #[error("this build has no TPM support (built without the tpm feature)")]

@@ -116,35 +116,5 @@ impl fmt::Display for KeyName {
     }
 }
 
-/// Which key-store backend holds a key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    File,
-    Tpm,
-}
-
-impl Backend {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::File => "file",
-            Backend::Tpm => "tpm",
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl core::str::FromStr for Backend {
-    type Err = HalError;
-    fn from_str(s: &str) -> Result<Self, HalError> {
-        match s {
-            "file" => Ok(Backend::File),
-            "tpm" => Ok(Backend::Tpm),
-            other => Err(HalError::UnknownBackend(other.into())),
-        }
-    }
-}
+/// Which key-store backend holds a key: the same names the wire and the admin API use.
+pub use boundkey_proto::KeyBackend as Backend;

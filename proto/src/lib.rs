@@ -5,16 +5,20 @@
 //! slices so that any transport (tokio, blocking std, a test harness) can drive it.
 
 pub mod claims;
+pub mod endpoint;
 pub mod frame;
 pub mod jws;
 pub mod keys;
 pub mod message;
 pub mod uri;
+pub mod vocabulary;
 
+pub use endpoint::{Endpoint, EndpointError};
 pub use frame::{decode_frame, encode_frame, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use keys::{kid, parse_ssh_public_key, ssh_public_key, KeyError};
 pub use message::*;
 pub use uri::{CaPin, JoinMethod, JoinUri, UriError};
+pub use vocabulary::{CeremonyKind, KeyBackend, UnknownName};
 
 /// Version of the wire encoding carried in every frame (`"v"`).
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::UnixTime;
+use crate::{JoinMethod, KeyBackend, UnixTime};
 
 /// Messages the agent sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,8 +116,7 @@ pub struct JoinResult {
     pub bot_name: String,
     pub instance_id: String,
     pub generation: u64,
-    /// `bound_keypair` or `token`.
-    pub join_method: String,
+    pub join_method: JoinMethod,
     /// PEM: identity certificate (first) followed by nothing else; the chain ends at a CA in
     /// `ca_bundle`.
     pub certificate: String,
@@ -135,7 +134,7 @@ pub struct JoinResult {
 }
 
 /// Facts the agent reports about itself. Recorded for operators, never used for decisions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub is_startup: bool,
@@ -145,7 +144,7 @@ pub struct Heartbeat {
     pub os: String,
     pub arch: String,
     pub one_shot: bool,
-    pub keystore: String,
+    pub keystore: KeyBackend,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -205,7 +204,31 @@ impl ErrorCode {
     }
 }
 
+impl ClientMessage {
+    /// The message's `type` on the wire, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMessage::Init(_) => "init",
+            ClientMessage::RotationResponse(_) => "rotation_response",
+            ClientMessage::ChallengeSolution(_) => "challenge_solution",
+            ClientMessage::TokenJoin(_) => "token_join",
+            ClientMessage::Heartbeat(_) => "heartbeat",
+        }
+    }
+}
+
 impl ServerMessage {
+    /// The message's `type` on the wire, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::RotationRequest(_) => "rotation_request",
+            ServerMessage::Challenge(_) => "challenge",
+            ServerMessage::Result(_) => "result",
+            ServerMessage::HeartbeatAck(_) => "heartbeat_ack",
+            ServerMessage::Error(_) => "error",
+        }
+    }
+
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         ServerMessage::Error(ErrorMessage {
             code,

@@ -11,6 +11,8 @@ use core::str::FromStr;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::{Deserialize, Serialize};
 
+use crate::endpoint::{Endpoint, EndpointError};
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UriError {
     #[error("join URI must start with boundkey+bound-keypair:// or boundkey+token://")]
@@ -21,10 +23,8 @@ pub enum UriError {
     EmptyToken,
     #[error("a boundkey+token:// URI cannot carry a registration secret")]
     SecretNotAllowed,
-    #[error("join URI has no HOST:PORT")]
-    MissingHost,
-    #[error("join URI port is missing or invalid: {0:?}")]
-    Port(String),
+    #[error("join URI: {0}")]
+    Address(#[from] EndpointError),
     #[error("join URI contains invalid percent-encoding")]
     Encoding,
     #[error("unknown join URI parameter {0:?} (only ca_pin is defined)")]
@@ -132,8 +132,7 @@ pub struct JoinUri {
     pub method: JoinMethod,
     pub token: String,
     pub registration_secret: Option<String>,
-    pub host: String,
-    pub port: u16,
+    pub endpoint: Endpoint,
     pub ca_pin: Option<CaPin>,
 }
 
@@ -154,8 +153,7 @@ impl fmt::Debug for JoinUri {
                 "registration_secret",
                 &self.registration_secret.as_ref().map(|_| "<redacted>"),
             )
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("endpoint", &self.endpoint)
             .field("ca_pin", &self.ca_pin)
             .finish()
     }
@@ -222,27 +220,7 @@ impl FromStr for JoinUri {
             Some(s) => Some(decode(s)?).filter(|s| !s.is_empty()),
             None => None,
         };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, p) = v6.split_once(']').ok_or(UriError::MissingHost)?;
-            (
-                h.to_string(),
-                p.strip_prefix(':')
-                    .ok_or_else(|| UriError::Port(p.into()))?,
-            )
-        } else {
-            let (h, p) = hostport
-                .rsplit_once(':')
-                .ok_or_else(|| UriError::Port(String::new()))?;
-            (h.to_string(), p)
-        };
-        if host.is_empty() {
-            return Err(UriError::MissingHost);
-        }
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| UriError::Port(port.to_string()))?;
+        let endpoint: Endpoint = hostport.parse()?;
         let mut ca_pin = None;
         for pair in query
             .into_iter()
@@ -258,8 +236,7 @@ impl FromStr for JoinUri {
             method,
             token,
             registration_secret,
-            host,
-            port,
+            endpoint,
             ca_pin,
         })
     }
@@ -276,11 +253,7 @@ impl fmt::Display for JoinUri {
         if let Some(s) = &self.registration_secret {
             write!(f, ":{}", utf8_percent_encode(s, USERINFO))?;
         }
-        if self.host.contains(':') {
-            write!(f, "@[{}]:{}", self.host, self.port)?;
-        } else {
-            write!(f, "@{}:{}", self.host, self.port)?;
-        }
+        write!(f, "@{}", self.endpoint)?;
         if let Some(pin) = &self.ca_pin {
             write!(f, "?ca_pin={pin}")?;
         }
@@ -303,8 +276,7 @@ mod tests {
         assert_eq!(u.method, JoinMethod::BoundKeypair);
         assert_eq!(u.token, "dev-1");
         assert_eq!(u.registration_secret.as_deref(), Some("s@cret"));
-        assert_eq!(u.host, "auth.example");
-        assert_eq!(u.port, 3025);
+        assert_eq!(u.endpoint, Endpoint::new("auth.example", 3025));
         assert_eq!(u.ca_pin.unwrap().to_string(), PIN);
         assert_eq!(u.to_string().parse::<JoinUri>().unwrap(), u);
     }
@@ -315,7 +287,7 @@ mod tests {
         assert_eq!((u.registration_secret, u.ca_pin), (None, None));
         let u: JoinUri = "boundkey+token://abc@[::1]:3025".parse().unwrap();
         assert_eq!(
-            (u.method, u.host.as_str(), u.port),
+            (u.method, u.endpoint.host.as_str(), u.endpoint.port),
             (JoinMethod::Token, "::1", 3025)
         );
         assert_eq!(u.to_string(), "boundkey+token://abc@[::1]:3025");
@@ -330,17 +302,20 @@ mod tests {
             ("boundkey+token://t:s@host:1", UriError::SecretNotAllowed),
             (
                 "boundkey+bound-keypair://t@host",
-                UriError::Port(String::new()),
+                UriError::Address(EndpointError::MissingPort("host".into())),
             ),
             (
                 "boundkey+bound-keypair://t@host:0",
-                UriError::Port("0".into()),
+                UriError::Address(EndpointError::Port("host:0".into())),
             ),
             (
                 "boundkey+bound-keypair://t@host:99999",
-                UriError::Port("99999".into()),
+                UriError::Address(EndpointError::Port("host:99999".into())),
             ),
-            ("boundkey+bound-keypair://t@:1", UriError::MissingHost),
+            (
+                "boundkey+bound-keypair://t@:1",
+                UriError::Address(EndpointError::MissingHost(":1".into())),
+            ),
             (
                 "boundkey+bound-keypair://t@h:1?capin=x",
                 UriError::UnknownParam("capin=x".into()),

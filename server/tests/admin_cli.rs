@@ -70,7 +70,7 @@ fn tokens_add_text_output_has_name_secret_and_uri() {
     let secret = get("registration_secret");
     assert!(secret.len() >= 16);
     let uri: JoinUri = get("join_uri").parse().unwrap();
-    assert_eq!((uri.host.as_str(), uri.port), ("auth.example.com", 4433));
+    assert_eq!(uri.endpoint.to_string(), "auth.example.com:4433");
     assert_eq!(uri.registration_secret.as_deref(), Some(secret.as_str()));
     assert_eq!(uri.ca_pin.unwrap().to_string(), s.ca_pin);
     assert!(stderr(&out).contains("shown only once"));

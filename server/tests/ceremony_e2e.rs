@@ -50,7 +50,7 @@ async fn registration_renewal_and_recovery() {
     assert_eq!(uri.method, JoinMethod::BoundKeypair);
     assert_eq!(uri.token, "dev-1");
     assert_eq!(uri.registration_secret.as_deref(), Some(secret.as_str()));
-    assert_eq!(uri.port, s.addr.port());
+    assert_eq!(uri.endpoint.port, s.addr.port());
     assert_eq!(uri.ca_pin.unwrap().to_string(), s.ca_pin);
 
     let t = show_token(&s, &token);
@@ -384,7 +384,7 @@ async fn heartbeat_is_recorded_on_the_callers_instance() {
         os: "linux".into(),
         arch: "aarch64".into(),
         one_shot: false,
-        keystore: "file".into(),
+        keystore: boundkey_proto::KeyBackend::File,
     };
     assert!(matches!(
         agent.heartbeat(hb.clone()).await,

@@ -10,7 +10,7 @@ use boundkey_auth::model::{event, AuditEvent, Bot, Lock, LockTarget, Token, Toke
 use boundkey_auth::service::Service;
 use boundkey_auth::store::{AuditQuery, StoreError};
 use boundkey_auth::UnixTime;
-use boundkey_proto::{CaPin, JoinMethod, JoinUri};
+use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
 use serde_json::{json, Value};
 
 use super::{views, AdminError, CaType, ErrorKind, LocksAdd, Request, TokensAdd, TokensEdit};
@@ -96,31 +96,6 @@ struct Handler<'a> {
     now: UnixTime,
 }
 
-fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-/// Splits `HOST:PORT` / `[V6]:PORT`.
-fn parse_host_port(s: &str) -> Result<(String, u16), AdminError> {
-    let bad =
-        || AdminError::bad_request(format!("invalid --auth-server {s:?}: expected HOST:PORT"));
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest.split_once(']').ok_or_else(bad)?;
-        (h, p.strip_prefix(':').ok_or_else(bad)?)
-    } else {
-        s.rsplit_once(':').ok_or_else(bad)?
-    };
-    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
-    if host.is_empty() {
-        return Err(bad());
-    }
-    Ok((host.to_string(), port))
-}
-
 impl Handler<'_> {
     fn store(&self) -> &Arc<dyn boundkey_auth::store::Store> {
         self.ctx.service.store()
@@ -138,23 +113,23 @@ impl Handler<'_> {
 
     /// Where agents should connect: the listener's address, with a wildcard bind replaced by
     /// this machine's host name.
-    fn default_server(&self) -> (String, u16) {
+    fn default_server(&self) -> Endpoint {
         let a = self.ctx.listen_addr;
         let host = match a.ip() {
             ip if ip.is_unspecified() => crate::hostname().unwrap_or_else(|| "localhost".into()),
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => v6.to_string(),
         };
-        (host, a.port())
+        Endpoint::new(host, a.port())
     }
 
     fn info(&self) -> Result<Value, AdminError> {
-        let (host, port) = self.default_server();
+        let endpoint = self.default_server();
         Ok(json!({
             "cluster": self.ctx.service.authority().cluster(),
             "ca_pin": self.ctx.ca_pin.to_string(),
             "listen_addr": self.ctx.listen_addr.to_string(),
-            "auth_server": host_port(&host, port),
+            "auth_server": endpoint.to_string(),
             "version": env!("CARGO_PKG_VERSION"),
         }))
     }
@@ -223,8 +198,10 @@ impl Handler<'_> {
             )));
         }
         let method = r.join_method.unwrap_or(JoinMethod::BoundKeypair);
-        let (host, port) = match &r.auth_server {
-            Some(s) => parse_host_port(s)?,
+        let endpoint = match &r.auth_server {
+            Some(s) => s
+                .parse::<Endpoint>()
+                .map_err(|e| AdminError::bad_request(format!("invalid --auth-server: {e}")))?,
             None => self.default_server(),
         };
         let expires_in = |ttl: u64| {
@@ -255,8 +232,7 @@ impl Handler<'_> {
                     method,
                     token: token.name.clone(),
                     registration_secret: secret.clone(),
-                    host,
-                    port,
+                    endpoint: endpoint.clone(),
                     ca_pin: Some(self.ctx.ca_pin),
                 };
                 (token, secret, uri)
@@ -281,8 +257,7 @@ impl Handler<'_> {
                     method,
                     token: secret.clone(),
                     registration_secret: None,
-                    host,
-                    port,
+                    endpoint: endpoint.clone(),
                     ca_pin: Some(self.ctx.ca_pin),
                 };
                 (token, Some(secret), uri)
@@ -617,23 +592,5 @@ impl Handler<'_> {
             "grace_period_secs": grace,
             "previous_trusted_until": trusted_until,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_port_parsing() {
-        assert_eq!(
-            parse_host_port("a.example:3025").unwrap(),
-            ("a.example".into(), 3025)
-        );
-        assert_eq!(parse_host_port("[::1]:1").unwrap(), ("::1".into(), 1));
-        assert!(parse_host_port("a.example").is_err());
-        assert!(parse_host_port(":5").is_err());
-        assert!(parse_host_port("h:0").is_err());
-        assert!(parse_host_port("[::1]").is_err());
     }
 }
