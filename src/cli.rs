@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use zeroize::Zeroizing;
 
 use crate::commands::{self, Format};
-use crate::config::{self, FileConfig, Flags, Settings};
+use boundkey_hal::Backend;
+
+use crate::config::{self, Flags};
 use crate::error::AgentError;
 
 #[derive(Debug, Parser)]
@@ -19,13 +21,20 @@ use crate::error::AgentError;
 pub struct Cli {
     /// Log level: error, warn, info, debug or trace (default info; also BOUNDKEY_LOG).
     #[arg(long, global = true, value_name = "LEVEL")]
-    pub log_level: Option<String>,
+    log_level: Option<String>,
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
+}
+
+impl Cli {
+    /// The `--log-level` flag, if given.
+    pub fn log_level(&self) -> Option<&str> {
+        self.log_level.as_deref()
+    }
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Join (or renew), write the identity, and keep renewing (or exit after one pass with --oneshot).
     Start(StartArgs),
     /// Manage the bound key.
@@ -38,22 +47,31 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum KeypairCommand {
+pub(crate) enum KeypairCommand {
     /// Create the bound key and print its SSH public key (for `boundkeyctl tokens add --initial-public-key`).
     Create(KeypairCreateArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum KeystoreArg {
+pub(crate) enum KeystoreArg {
     File,
     Tpm,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]
-pub enum FormatArg {
+pub(crate) enum FormatArg {
     #[default]
     Text,
     Json,
+}
+
+impl From<KeystoreArg> for Backend {
+    fn from(k: KeystoreArg) -> Backend {
+        match k {
+            KeystoreArg::File => Backend::File,
+            KeystoreArg::Tpm => Backend::Tpm,
+        }
+    }
 }
 
 impl From<FormatArg> for Format {
@@ -66,23 +84,23 @@ impl From<FormatArg> for Format {
 }
 
 #[derive(Debug, Clone, Args, Default)]
-pub struct KeystoreArgs {
+pub(crate) struct KeystoreArgs {
     /// Key store for the bound key (default: the one the storage directory already uses, else tpm
     /// if this machine has a TPM, else file).
     #[arg(long, value_enum)]
-    pub keystore: Option<KeystoreArg>,
+    pub(crate) keystore: Option<KeystoreArg>,
     /// TPM TCTI, e.g. device:/dev/tpmrm0 (default), tabrmd, swtpm:host=127.0.0.1,port=2321.
     #[arg(long, value_name = "TCTI")]
-    pub tcti: Option<String>,
+    pub(crate) tcti: Option<String>,
     /// File holding the TPM owner-hierarchy auth value (or env BOUNDKEY_TPM_OWNER_AUTH).
     #[arg(long, value_name = "FILE")]
-    pub tpm_owner_auth_file: Option<PathBuf>,
+    pub(crate) tpm_owner_auth_file: Option<PathBuf>,
     /// File holding the auth value of bound keys (or env BOUNDKEY_TPM_KEY_AUTH).
     #[arg(long, value_name = "FILE")]
-    pub tpm_key_auth_file: Option<PathBuf>,
+    pub(crate) tpm_key_auth_file: Option<PathBuf>,
     /// Persistent TPM parent key handle (e.g. 0x81000001) instead of the standard ECC primary.
     #[arg(long, value_name = "HANDLE")]
-    pub tpm_parent: Option<String>,
+    pub(crate) tpm_parent: Option<String>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -90,99 +108,80 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct StartArgs {
+pub(crate) struct StartArgs {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Join URI from `boundkeyctl tokens add` (merged over the config file).
     #[arg(long, value_name = "URI")]
-    pub join_uri: Option<String>,
+    pub(crate) join_uri: Option<String>,
     /// Storage directory (keys and state; mode 0700; one agent per directory).
     #[arg(long, value_name = "DIR")]
-    pub storage: Option<PathBuf>,
+    pub(crate) storage: Option<PathBuf>,
     /// Where the identity certificate, key and CA bundle are written.
     #[arg(long, value_name = "DIR")]
-    pub destination: Option<PathBuf>,
+    pub(crate) destination: Option<PathBuf>,
     #[command(flatten)]
-    pub keystore: KeystoreArgs,
+    pub(crate) keystore: KeystoreArgs,
     /// Requested certificate lifetime, 10s to 7d (default 1h).
     #[arg(long, value_name = "DURATION", value_parser = duration)]
-    pub certificate_ttl: Option<Duration>,
+    pub(crate) certificate_ttl: Option<Duration>,
     /// How often to renew (default 20m; capped at half the certificate TTL).
     #[arg(long, value_name = "DURATION", value_parser = duration)]
-    pub renewal_interval: Option<Duration>,
+    pub(crate) renewal_interval: Option<Duration>,
     /// How often to send a heartbeat (default 30m).
     #[arg(long, value_name = "DURATION", value_parser = duration, hide = true)]
-    pub heartbeat_interval: Option<Duration>,
+    pub(crate) heartbeat_interval: Option<Duration>,
     /// Join or renew once, send one heartbeat, and exit.
     #[arg(long)]
-    pub oneshot: bool,
+    pub(crate) oneshot: bool,
     /// File holding the one-time registration secret (or env BOUNDKEY_REGISTRATION_SECRET).
     #[arg(long, value_name = "FILE")]
-    pub registration_secret_file: Option<PathBuf>,
+    pub(crate) registration_secret_file: Option<PathBuf>,
     /// PEM file of the auth service's TLS CA (instead of, or before, a ca_pin).
     #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct KeypairCreateArgs {
+pub(crate) struct KeypairCreateArgs {
     /// TOML configuration file (for storage and key store settings).
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Storage directory.
     #[arg(long, value_name = "DIR")]
-    pub storage: Option<PathBuf>,
+    pub(crate) storage: Option<PathBuf>,
     #[command(flatten)]
-    pub keystore: KeystoreArgs,
+    pub(crate) keystore: KeystoreArgs,
     /// Replace an existing key (the old one is kept in the key history).
     #[arg(long)]
-    pub overwrite: bool,
+    pub(crate) overwrite: bool,
     #[arg(long, value_enum, default_value_t)]
-    pub format: FormatArg,
+    pub(crate) format: FormatArg,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// TOML configuration file (for the storage directory).
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Storage directory.
     #[arg(long, value_name = "DIR")]
-    pub storage: Option<PathBuf>,
+    pub(crate) storage: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t)]
-    pub format: FormatArg,
+    pub(crate) format: FormatArg,
 }
 
 fn keystore_flags(k: &KeystoreArgs, f: &mut Flags) {
-    f.keystore = k.keystore.map(|k| match k {
-        KeystoreArg::File => "file".to_string(),
-        KeystoreArg::Tpm => "tpm".to_string(),
-    });
+    f.keystore = k.keystore.map(Backend::from);
     f.tcti = k.tcti.clone();
     f.tpm_owner_auth_file = k.tpm_owner_auth_file.clone();
     f.tpm_key_auth_file = k.tpm_key_auth_file.clone();
     f.tpm_parent = k.tpm_parent.clone();
 }
 
-fn settings(
-    config_file: Option<&PathBuf>,
-    flags: &Flags,
-    env_secret: Option<Zeroizing<String>>,
-) -> Result<Settings, AgentError> {
-    let file = config_file
-        .map(|p| FileConfig::load(p).map(|c| (p.clone(), c)))
-        .transpose()?;
-    Ok(config::merge(
-        file.as_ref().map(|(p, c)| (p.as_path(), c)),
-        flags,
-        env_secret,
-        &config::read_secret_file,
-    )?)
-}
-
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<(), AgentError> {
+pub(crate) fn run(cli: Cli) -> Result<(), AgentError> {
     match cli.command {
         Command::Start(a) => {
             let mut f = Flags {
@@ -199,7 +198,7 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
             };
             keystore_flags(&a.keystore, &mut f);
             let env_secret = std::env::var(config::SECRET_ENV).ok().map(Zeroizing::new);
-            let s = settings(a.config.as_ref(), &f, env_secret)?;
+            let s = config::load(a.config.as_deref(), &f, env_secret)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .enable_time()
@@ -215,7 +214,7 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
                 ..Flags::default()
             };
             keystore_flags(&a.keystore, &mut f);
-            let s = settings(a.config.as_ref(), &f, None)?;
+            let s = config::load(a.config.as_deref(), &f, None)?;
             commands::keypair_create(&s, a.overwrite, a.format.into(), &mut std::io::stdout())
         }
         Command::Status(a) => {
@@ -223,7 +222,7 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
                 storage: a.storage.clone(),
                 ..Flags::default()
             };
-            let s = settings(a.config.as_ref(), &f, None)?;
+            let s = config::load(a.config.as_deref(), &f, None)?;
             commands::status(&s, a.format.into(), &mut std::io::stdout())
         }
     }
@@ -231,6 +230,8 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
 
     #[test]

@@ -4,64 +4,62 @@ use std::io::Write;
 
 use serde_json::json;
 
-use crate::agent::{self, rfc3339, unix_now};
 use crate::config::Settings;
+use crate::device::Device;
 use crate::error::AgentError;
-use crate::storage::{self, State, Storage};
+use crate::resolve::usable;
+use crate::storage;
+use crate::time::{rfc3339, unix_now};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Text,
     Json,
 }
 
 fn print(out: &mut dyn Write, s: &str) -> Result<(), AgentError> {
-    writeln!(out, "{s}").map_err(|e| AgentError::Usage(format!("cannot write to stdout: {e}")))
+    writeln!(out, "{s}").map_err(AgentError::Stdout)
 }
 
 /// Creates the bound key (unless one exists and `overwrite` is false) and prints its public key.
-pub fn keypair_create(
+pub(crate) fn keypair_create(
     settings: &Settings,
     overwrite: bool,
     format: Format,
     out: &mut dyn Write,
 ) -> Result<(), AgentError> {
-    let storage = Storage::open_locked(&settings.storage)?;
-    let loaded = storage.load()?;
-    let backend = agent::resolve_backend(settings.keystore, loaded.as_ref(), storage.dir())?;
-    let mut state = loaded.unwrap_or_else(|| State::new(backend));
-    let key = match (&state.keys.active, overwrite) {
+    let mut device = Device::open(settings)?;
+    let key = match (&device.state.keys.active, overwrite) {
         (Some(existing), false) => {
             tracing::info!(key = %existing.name, "a bound key exists; keeping it (use --overwrite to replace it)");
             existing.clone()
         }
         (existing, _) => {
-            if existing.is_some() && state.identity.is_some() {
+            if existing.is_some() && device.state.identity.is_some() {
                 tracing::warn!("replacing the active key of a device that has joined; the auth service still expects the old key, which stays in the key history");
             }
-            let mut store = agent::open_keystore(backend, &storage, settings)?;
-            let k = agent::create_key(store.as_mut(), unix_now())?;
-            let mut next = state.clone();
+            let k = device.create_key(unix_now())?;
+            let mut next = device.state.clone();
             let dropped = next.keys.set_active(k.clone());
-            storage.save(&next)?;
-            state = next;
-            for d in dropped {
-                if let Ok(n) = boundkey_hal::KeyName::new(&d.name) {
-                    let _ = store.delete(&n);
-                }
-            }
-            tracing::info!(key = %k.name, keystore = %state.keystore, "created the bound key");
+            device.save(next)?;
+            device.delete_keys(&dropped);
+            tracing::info!(key = %k.name, keystore = %device.state.keystore, "created the bound key");
             k
         }
     };
+    let ssh = key.ssh_public_key();
     match format {
-        Format::Text => print(out, &key.public_key),
-        Format::Json => print(out, &json!({ "public_key": key.public_key }).to_string()),
+        Format::Text => print(out, &ssh),
+        Format::Json => print(out, &json!({ "public_key": ssh }).to_string()),
     }
 }
 
 /// Prints the stored identity. Reads without the lock, so it works while the agent runs.
-pub fn status(settings: &Settings, format: Format, out: &mut dyn Write) -> Result<(), AgentError> {
+pub(crate) fn status(
+    settings: &Settings,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), AgentError> {
     let dir = &settings.storage;
     if !dir.is_dir() {
         return Err(AgentError::Usage(format!(
@@ -84,11 +82,11 @@ pub fn status(settings: &Settings, format: Format, out: &mut dyn Write) -> Resul
                 "expires": id.map(|i| rfc3339(i.expires)),
                 "expires_unix": id.map(|i| i.expires),
                 "not_before": id.map(|i| rfc3339(i.not_before)),
-                "valid": id.map(|i| agent::usable(i, now)).unwrap_or(false),
-                "keystore": state.as_ref().map(|s| s.keystore.clone()),
-                "kid": active.and_then(|k| k.kid()),
-                "public_key": active.map(|k| k.public_key.clone()),
-                "pending_kid": pending.and_then(|k| k.kid()),
+                "valid": id.map(|i| usable(i, now)).unwrap_or(false),
+                "keystore": state.as_ref().map(|s| s.keystore),
+                "kid": active.map(|k| k.kid()),
+                "public_key": active.map(|k| k.ssh_public_key()),
+                "pending_kid": pending.map(|k| k.kid()),
                 "key_history": state.as_ref().map(|s| s.keys.history.len()).unwrap_or(0),
                 "join_method": join.map(|j| j.method.as_str()),
                 "token": join.and_then(|j| j.token.clone()),
@@ -107,11 +105,7 @@ pub fn status(settings: &Settings, format: Format, out: &mut dyn Write) -> Resul
                     lines.push(format!("bot:          {}", i.bot_name));
                     lines.push(format!("instance:     {}", i.instance_id));
                     lines.push(format!("generation:   {}", i.generation));
-                    let state_word = if agent::usable(i, now) {
-                        "valid"
-                    } else {
-                        "EXPIRED"
-                    };
+                    let state_word = if usable(i, now) { "valid" } else { "EXPIRED" };
                     lines.push(format!(
                         "certificate:  {state_word}, {} .. {}",
                         rfc3339(i.not_before),
@@ -124,11 +118,10 @@ pub fn status(settings: &Settings, format: Format, out: &mut dyn Write) -> Resul
             lines.push(format!(
                 "bound key:    {}",
                 active
-                    .and_then(|k| k.kid())
-                    .map(|k| format!("kid {k}"))
+                    .map(|k| format!("kid {}", k.kid()))
                     .unwrap_or_else(|| "none".into())
             ));
-            if let Some(p) = pending.and_then(|k| k.kid()) {
+            if let Some(p) = pending.map(|k| k.kid()) {
                 lines.push(format!(
                     "pending key:  kid {p} (rotation not yet confirmed)"
                 ));

@@ -9,20 +9,8 @@
 //! `after-key-created`, `after-key-persisted`, `after-rotation-response-sent`,
 //! `after-result-received`, `after-state-written`, `after-outputs-written`.
 
-/// Every point, for tests that iterate over them.
-pub const POINTS: &[&str] = &[
-    "after-init-sent",
-    "after-solution-sent",
-    "after-key-created",
-    "after-key-persisted",
-    "after-rotation-response-sent",
-    "after-result-received",
-    "after-state-written",
-    "after-outputs-written",
-];
-
 #[cfg(debug_assertions)]
-pub fn point(name: &str) {
+pub(crate) fn point(name: &str) {
     use std::sync::atomic::{AtomicU32, Ordering};
     static HITS: AtomicU32 = AtomicU32::new(0);
     let Ok(spec) = std::env::var("BOUNDKEY_CRASH_AT") else {
@@ -43,4 +31,4 @@ pub fn point(name: &str) {
 
 #[cfg(not(debug_assertions))]
 #[inline(always)]
-pub fn point(_name: &str) {}
+pub(crate) fn point(_name: &str) {}

@@ -17,26 +17,30 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::agent::{self, Agent, HeartbeatTarget};
 use crate::backoff::Backoff;
-use crate::config::{self, Settings};
+use crate::config::Settings;
 use crate::error::AgentError;
+use crate::heartbeat::{self, HeartbeatTarget};
+use crate::session::Agent;
 
 /// Delay before retrying after a refusal that needs an operator.
-pub const REFUSED_RETRY: Duration = Duration::from_secs(300);
-pub const RETRY_BASE: Duration = Duration::from_secs(1);
-pub const RETRY_MAX: Duration = Duration::from_secs(60);
+pub(crate) const REFUSED_RETRY: Duration = Duration::from_secs(300);
+pub(crate) const RETRY_BASE: Duration = Duration::from_secs(1);
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Heartbeat retries after the first attempt.
-pub const HEARTBEAT_RETRIES: u32 = 5;
+pub(crate) const HEARTBEAT_RETRIES: u32 = 5;
 /// `--oneshot` attempts for failures that may pass (network, a lost race).
 const ONESHOT_ATTEMPTS: u32 = 3;
 
-fn sig(kind: SignalKind, name: &str) -> Result<Signal, AgentError> {
-    signal(kind).map_err(|e| AgentError::Usage(format!("cannot install the {name} handler: {e}")))
+fn sig(kind: SignalKind, name: &'static str) -> Result<Signal, AgentError> {
+    signal(kind).map_err(|source| AgentError::Signal {
+        signal: name,
+        source,
+    })
 }
 
 /// Runs `boundkeyd start`.
-pub async fn run(settings: Settings) -> Result<(), AgentError> {
+pub(crate) async fn run(settings: Settings) -> Result<(), AgentError> {
     if settings.destination.is_none() {
         return Err(AgentError::Usage(
             "--destination is required: the directory where the identity certificate, key and CA bundle are written".into(),
@@ -45,7 +49,7 @@ pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let started = Instant::now();
     let mut agent = Agent::open(settings)?;
     // A configuration that cannot work is reported now, not retried forever.
-    agent.join_params()?;
+    agent.target()?;
     if let Err(e) = agent.sync_outputs() {
         tracing::warn!(error = %e, "could not restore the identity outputs from storage");
     }
@@ -55,7 +59,15 @@ pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
     let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
     let mut usr1 = sig(SignalKind::user_defined1(), "SIGUSR1")?;
-    let interval = config::effective_renewal_interval(agent.settings());
+    let interval = agent.resolved().renewal_interval;
+    if agent.resolved().renewal_interval_capped {
+        tracing::warn!(
+            renewal_interval = %humantime::format_duration(agent.settings().renewal_interval),
+            certificate_ttl = %humantime::format_duration(agent.settings().certificate_ttl),
+            "renewal interval is not shorter than half the certificate TTL; renewing every {} instead",
+            humantime::format_duration(interval)
+        );
+    }
     let (tx, rx) = watch::channel::<Option<Arc<HeartbeatTarget>>>(None);
     let heartbeats = tokio::spawn(heartbeat_loop(
         rx,
@@ -132,7 +144,7 @@ async fn heartbeat_with_retries(
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     let mut tries = 0;
     loop {
-        match agent::send_heartbeat(t, is_startup, started).await {
+        match heartbeat::send(t, is_startup, started).await {
             Ok(()) => {
                 tracing::debug!(is_startup, "heartbeat acknowledged");
                 return Ok(());

@@ -4,14 +4,18 @@
 use boundkey_hal::HalError;
 use boundkey_proto::ErrorCode;
 
+use std::convert::Infallible;
+
+use boundkey_fs::FsError;
+
 use crate::config::{ConfigError, Conflict};
-use crate::fsutil::FsError;
+use crate::join::JoinError;
+use crate::resolve::{NoTarget, PlanError};
 use crate::storage::StorageError;
 use crate::transport::TransportError;
 
 /// Exit codes.
 pub mod exit {
-    pub const OK: u8 = 0;
     /// Network, TLS, storage I/O, key store or any other runtime failure.
     pub const FAILURE: u8 = 1;
     /// Bad command line or configuration.
@@ -35,12 +39,15 @@ pub enum AgentError {
     /// Refused by the auth service; `message` already says what to do.
     #[error("{message}")]
     Refused { code: ErrorCode, message: String },
+    /// The ceremony failed on the device's side or the auth service broke the protocol.
+    #[error(transparent)]
+    Join(JoinError<Infallible>),
     #[error("the auth service broke the protocol: {0} (check that boundkeyd and boundkey-authd versions match)")]
     Protocol(String),
-    #[error("the join token is bound to key {kid}, which this device does not hold: the token already belongs to another device (every device needs its own token: boundkeyctl tokens add), or it was recreated for another key (onboard this device with a new storage directory)")]
-    KeyNotHeld { kid: String },
-    #[error("the key store produced a signature that does not verify (key {0}); the key store or TPM is faulty")]
-    BadSignature(String),
+    #[error(transparent)]
+    NoTarget(#[from] NoTarget),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error("cannot write the identity outputs: {0}")]
     Outputs(FsError),
     #[error(
@@ -54,6 +61,25 @@ pub enum AgentError {
     Internal(String),
     #[error("cannot set up the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot install the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot write to standard output: {0}")]
+    Stdout(std::io::Error),
+}
+
+impl From<JoinError<AgentError>> for AgentError {
+    /// A failed side effect keeps its own error; a ceremony failure keeps the ceremony's words.
+    /// A refusal becomes [`AgentError::Refused`] so the caller can add what to do about it.
+    fn from(e: JoinError<AgentError>) -> AgentError {
+        match e.into_effect() {
+            Ok(effect) => effect,
+            Err(JoinError::Refused { code, message }) => AgentError::Refused { code, message },
+            Err(other) => AgentError::Join(other),
+        }
+    }
 }
 
 impl AgentError {
@@ -82,9 +108,11 @@ impl AgentError {
 
     pub fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Config(_) | AgentError::Usage(_) | AgentError::StateConflict { .. } => {
-                exit::USAGE
-            }
+            AgentError::Config(_)
+            | AgentError::Usage(_)
+            | AgentError::StateConflict { .. }
+            | AgentError::NoTarget(_)
+            | AgentError::Plan(_) => exit::USAGE,
             AgentError::Storage(StorageError::InUse { .. }) => exit::IN_USE,
             AgentError::Refused { code, .. } if !code.is_retryable() => exit::REFUSED,
             _ => exit::FAILURE,

@@ -26,27 +26,6 @@ use boundkey_proto::{
 /// Most server messages one ceremony accepts (a registration plus a rotation needs 4).
 const MAX_ROUNDS: usize = 8;
 
-/// What kind of ceremony this is, from the agent's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Never joined: registration secret or pre-registered key (or a `token` join).
-    FirstJoin,
-    /// Over mTLS with the current certificate.
-    Renewal,
-    /// Without a certificate (expired, or a previous result may have been lost).
-    Recovery,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::FirstJoin => "first_join",
-            Mode::Renewal => "renewal",
-            Mode::Recovery => "recovery",
-        }
-    }
-}
-
 /// A key the agent holds and may be asked to prove.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldKey {
@@ -58,7 +37,6 @@ pub struct HeldKey {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub method: JoinMethod,
-    pub mode: Mode,
     /// Token name (bound keypair), or the secret token (`token` method; `None` to renew).
     pub token: Option<String>,
     pub registration_secret: Option<String>,
@@ -91,24 +69,27 @@ pub enum JoinError<E> {
     #[error("the auth service refused: {message} ({})", code.as_str())]
     Refused { code: ErrorCode, message: String },
     /// The auth service broke the protocol.
-    #[error("protocol error: {0}")]
+    #[error("the auth service broke the protocol: {0} (check that boundkeyd and boundkey-authd versions match)")]
     Protocol(String),
     /// The auth service asked for a key this device does not hold.
-    #[error("the auth service asked this device to prove key {kid}, which it does not hold (was the token recreated with another key?)")]
+    #[error("the join token is bound to key {kid}, which this device does not hold: the token already belongs to another device (every device needs its own token: boundkeyctl tokens add), or it was recreated for another key (onboard this device with a new storage directory)")]
     KeyNotHeld { kid: String },
     /// The key store returned a signature that does not verify.
-    #[error("the key store produced a signature that does not verify with key {0}")]
+    #[error("the key store produced a signature that does not verify (key {0}); the key store or TPM is faulty")]
     BadSignature(String),
     #[error(transparent)]
     Effect(E),
 }
 
 impl<E> JoinError<E> {
-    /// Whether the same attempt may succeed later without operator action.
-    pub fn is_retryable(&self) -> bool {
+    /// Separates a failed side effect (the caller's own error) from a ceremony failure.
+    pub fn into_effect(self) -> Result<E, JoinError<std::convert::Infallible>> {
         match self {
-            JoinError::Refused { code, .. } => code.is_retryable(),
-            _ => false,
+            JoinError::Effect(e) => Ok(e),
+            JoinError::Refused { code, message } => Err(JoinError::Refused { code, message }),
+            JoinError::Protocol(p) => Err(JoinError::Protocol(p)),
+            JoinError::KeyNotHeld { kid } => Err(JoinError::KeyNotHeld { kid }),
+            JoinError::BadSignature(k) => Err(JoinError::BadSignature(k)),
         }
     }
 }
@@ -183,10 +164,6 @@ impl Ceremony {
             },
             first,
         )
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.plan.mode
     }
 
     /// After a failure: whether the auth service may have committed a ceremony whose result the
@@ -410,10 +387,9 @@ mod tests {
         p256::SecretKey::random(&mut rand_core::OsRng).public_key()
     }
 
-    fn plan(mode: Mode, keys: Vec<HeldKey>) -> Plan {
+    fn plan(keys: Vec<HeldKey>) -> Plan {
         Plan {
             method: JoinMethod::BoundKeypair,
-            mode,
             token: Some("tok".into()),
             registration_secret: None,
             identity_key: p256::SecretKey::random(&mut rand_core::OsRng),
@@ -470,7 +446,7 @@ mod tests {
     fn renewal_signs_the_document_verbatim_with_the_bound_key() {
         let mut fx = Fake::default();
         let a = fx.add("a");
-        let (mut c, first) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, first) = Ceremony::start(plan(vec![a.clone()]));
         match first {
             ClientMessage::Init(i) => {
                 assert_eq!(i.token, "tok");
@@ -510,7 +486,7 @@ mod tests {
     fn rotation_persists_the_new_key_before_sending_it_and_old_key_answers_first() {
         let mut fx = Fake::default();
         let a = fx.add("a");
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         let (ch, _) = challenge_for(&a.public_key);
         solution(c.handle(ch, &mut fx).unwrap());
         let step = c
@@ -547,7 +523,7 @@ mod tests {
     #[test]
     fn registration_creates_the_first_key_and_sends_the_secret() {
         let mut fx = Fake::default();
-        let mut p = plan(Mode::FirstJoin, vec![]);
+        let mut p = plan(vec![]);
         p.registration_secret = Some("s3cret".into());
         p.join_state = None;
         let (mut c, first) = Ceremony::start(p);
@@ -580,7 +556,7 @@ mod tests {
             fail_persist: true,
             ..Fake::default()
         };
-        let (mut c, _) = Ceremony::start(plan(Mode::FirstJoin, vec![]));
+        let (mut c, _) = Ceremony::start(plan(vec![]));
         let r = c.handle(
             ServerMessage::RotationRequest(RotationRequest {
                 reason: RotationReason::Registration,
@@ -598,11 +574,11 @@ mod tests {
         let mut fx = Fake::default();
         let a = fx.add("a");
         let stranger = identity();
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         let r = c.handle(challenge_for(&stranger).0, &mut fx);
         assert!(matches!(r, Err(JoinError::KeyNotHeld { .. })), "{r:?}");
 
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         let (ServerMessage::Challenge(mut ch), _) = challenge_for(&stranger) else {
             unreachable!()
         };
@@ -610,7 +586,7 @@ mod tests {
         let r = c.handle(ServerMessage::Challenge(ch), &mut fx);
         assert!(matches!(r, Err(JoinError::Protocol(_))), "{r:?}");
 
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         let ch = ServerMessage::Challenge(Challenge {
             public_key: keys::ssh_public_key(&a.public_key),
             document: "{\"anything\":1}".into(),
@@ -624,7 +600,7 @@ mod tests {
         let mut fx = Fake::default();
         let a = fx.add("a");
         let old = fx.add("old");
-        let (mut c, _) = Ceremony::start(plan(Mode::Recovery, vec![a, old.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a, old.clone()]));
         let sol = solution(c.handle(challenge_for(&old.public_key).0, &mut fx).unwrap());
         jws::verify(&sol, &old.public_key).unwrap();
     }
@@ -633,7 +609,7 @@ mod tests {
     fn refusals_are_reported_with_their_code_and_clear_this_ceremonys_uncertainty() {
         let mut fx = Fake::default();
         let a = fx.add("a");
-        let (mut c, _) = Ceremony::start(plan(Mode::Recovery, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
         assert!(c.uncertain_after_failure());
         let r = c.handle(
@@ -649,7 +625,7 @@ mod tests {
         }
         assert!(!c.uncertain_after_failure());
 
-        let mut p = plan(Mode::Recovery, vec![a]);
+        let mut p = plan(vec![a]);
         p.prior_uncertain = true;
         let (mut c, _) = Ceremony::start(p);
         let _ = c.handle(ServerMessage::error(ErrorCode::Internal, "x"), &mut fx);
@@ -663,7 +639,7 @@ mod tests {
     fn prior_uncertainty_is_kept_through_a_rotation_and_not_marked_twice() {
         let mut fx = Fake::default();
         let a = fx.add("a");
-        let mut p = plan(Mode::Recovery, vec![a.clone()]);
+        let mut p = plan(vec![a.clone()]);
         p.prior_uncertain = true;
         let (mut c, _) = Ceremony::start(p);
         solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
@@ -683,33 +659,33 @@ mod tests {
         let mut fx = Fake::default();
         let a = fx.add("a");
         // Result before any proof.
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         assert!(matches!(
             c.handle(result_naming(Some(&a.public_key)), &mut fx),
             Err(JoinError::Protocol(_))
         ));
         // Result naming a key we do not hold.
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
         assert!(matches!(
             c.handle(result_naming(Some(&identity())), &mut fx),
             Err(JoinError::KeyNotHeld { .. })
         ));
         // Result without a bound key.
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
         assert!(matches!(
             c.handle(result_naming(None), &mut fx),
             Err(JoinError::Protocol(_))
         ));
         // Heartbeat ack in a ceremony.
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         assert!(matches!(
             c.handle(ServerMessage::HeartbeatAck(Default::default()), &mut fx),
             Err(JoinError::Protocol(_))
         ));
         // Endless rounds.
-        let (mut c, _) = Ceremony::start(plan(Mode::Renewal, vec![a.clone()]));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
         let mut failed = false;
         for _ in 0..=MAX_ROUNDS {
             if c.handle(challenge_for(&a.public_key).0, &mut fx).is_err() {
@@ -723,7 +699,7 @@ mod tests {
     #[test]
     fn token_method_sends_token_join_and_accepts_a_result_directly() {
         let mut fx = Fake::default();
-        let mut p = plan(Mode::FirstJoin, vec![]);
+        let mut p = plan(vec![]);
         p.method = JoinMethod::Token;
         p.token = Some("secret-token".into());
         let (mut c, first) = Ceremony::start(p);
@@ -736,7 +712,7 @@ mod tests {
         let (mut c, _) = Ceremony::start(Plan {
             method: JoinMethod::Token,
             token: None,
-            ..plan(Mode::Renewal, vec![])
+            ..plan(vec![])
         });
         let ServerMessage::Result(mut r) = result_naming(None) else {
             unreachable!()

@@ -9,7 +9,6 @@
 //!   history, newest first, which keeps at most [`HISTORY_LIMIT`] keys; the ones that fall off are
 //!   returned so the caller deletes them from the key store *after* the new state is on disk.
 
-use boundkey_hal::KeyName;
 use serde::{Deserialize, Serialize};
 
 /// Earlier keys kept (and still able to answer challenges).
@@ -24,23 +23,37 @@ pub const KEY_PREFIX: &str = "bound-";
 pub struct KeyRef {
     /// Name in the key store.
     pub name: String,
-    /// SSH `ecdsa-sha2-nistp256 …` form.
-    pub public_key: String,
+    /// Stored in SSH `ecdsa-sha2-nistp256 …` form; parsed once, when `state.json` is read.
+    #[serde(with = "ssh_form")]
+    pub public_key: p256::PublicKey,
     /// Unix seconds.
     pub created_at: i64,
 }
 
 impl KeyRef {
-    pub fn key_name(&self) -> Result<KeyName, boundkey_hal::HalError> {
-        KeyName::new(&self.name)
+    pub fn kid(&self) -> String {
+        boundkey_proto::kid(&self.public_key)
     }
 
-    pub fn p256(&self) -> Option<p256::PublicKey> {
-        boundkey_proto::parse_ssh_public_key(&self.public_key).ok()
+    /// The SSH `authorized_keys` form an operator pastes into `boundkeyctl`.
+    pub fn ssh_public_key(&self) -> String {
+        boundkey_proto::ssh_public_key(&self.public_key)
+    }
+}
+
+/// Serde for a P-256 public key as an SSH `ecdsa-sha2-nistp256` string.
+mod ssh_form {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(k: &p256::PublicKey, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&boundkey_proto::ssh_public_key(k))
     }
 
-    pub fn kid(&self) -> Option<String> {
-        self.p256().map(|k| boundkey_proto::kid(&k))
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<p256::PublicKey, D::Error> {
+        let s = String::deserialize(d)?;
+        boundkey_proto::parse_ssh_public_key(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -73,7 +86,7 @@ impl KeySet {
 
     /// Finds a key by public key (SSH form compared as parsed points).
     pub fn find(&self, public_key: &p256::PublicKey) -> Option<&KeyRef> {
-        self.all().find(|k| k.p256().as_ref() == Some(public_key))
+        self.all().find(|k| k.public_key == *public_key)
     }
 
     /// Records a new rotation key. A previous unconfirmed pending key moves to the history (it
@@ -145,7 +158,7 @@ impl KeySet {
 
 /// A fresh, unique key name: `bound-<unix seconds>-<random>`.
 pub fn new_key_name(now: i64) -> String {
-    format!("{KEY_PREFIX}{now}-{}", crate::fsutil::random_suffix())
+    format!("{KEY_PREFIX}{now}-{}", boundkey_fs::random_suffix())
 }
 
 #[cfg(test)]
@@ -157,7 +170,7 @@ mod tests {
         (
             KeyRef {
                 name: format!("bound-{i}"),
-                public_key: boundkey_proto::ssh_public_key(&pk),
+                public_key: pk,
                 created_at: i,
             },
             pk,

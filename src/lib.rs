@@ -1,29 +1,45 @@
-//! boundkeyd, the boundkey edge agent.
+//! boundkeyd, the boundkey edge agent. `docs/architecture.md` walks one join through these
+//! modules in order.
 //!
-//! Protocol logic is pure and I/O sits at the edges:
-//! * [`join`]: the client ceremony as a sans-I/O state machine;
-//! * [`keyset`]: bound-key bookkeeping (active, pending, history);
-//! * [`config`]: TOML file + flags + join URI merged into settings;
-//! * [`storage`]: the locked storage directory and its versioned state file;
-//! * [`outputs`]: identity files in the destination directory, swapped as a set;
-//! * [`transport`]: TLS 1.3 client with CA pinning and optional mTLS;
-//! * [`agent`]: one storage directory's join/renew/recover logic around those;
-//! * [`daemon`]: the renewal loop, heartbeats and signals;
-//! * [`cli`], [`commands`]: the command line.
+//! The command line ([`cli`]) becomes [`config::Settings`]; [`resolve`] decides, from the settings
+//! and the stored state, everything an attempt needs; [`session`] drives the sans-I/O [`join`]
+//! state machine over [`transport`] and commits to [`storage`] and [`outputs`]; [`daemon`] runs
+//! that in a loop with [`heartbeat`]s and signals.
+//!
+//! Only [`Cli`] and [`run`] are public: the agent is a program, not a library.
 
-pub mod agent;
-pub mod backoff;
-pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod crash;
-pub mod daemon;
-pub mod error;
-pub mod fsutil;
-pub mod join;
-pub mod keyset;
-pub mod outputs;
-pub mod storage;
-pub mod transport;
+mod backoff;
+mod cli;
+mod commands;
+mod config;
+mod crash;
+mod daemon;
+mod device;
+mod error;
+mod heartbeat;
+mod join;
+mod keyset;
+mod outputs;
+#[cfg(test)]
+mod pair_test;
+mod resolve;
+mod session;
+mod storage;
+mod time;
+mod transport;
 
-pub use error::AgentError;
+use std::process::ExitCode;
+
+pub use cli::Cli;
+
+/// Runs a parsed command line; failures become one line on standard error and an exit code
+/// (documented in `docs/agent.md`).
+pub fn run(cli: Cli) -> ExitCode {
+    match cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("boundkeyd: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use boundkey::cli::{self, Cli};
+use boundkey::Cli;
 use clap::Parser;
 use tracing::Level;
 
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let level = log_level(cli.log_level.as_deref());
+    let level = log_level(cli.log_level());
     // tss-esapi logs every context open/close at INFO: noise for an operator.
     let filter = tracing_subscriber::filter::Targets::new()
         .with_default(level)
@@ -44,11 +44,5 @@ fn main() -> ExitCode {
         )
         .with(filter)
         .init();
-    match cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("boundkeyd: error: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
+    boundkey::run(cli)
 }

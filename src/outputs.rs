@@ -23,8 +23,8 @@ use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::{self, fs_err, FsError};
 use crate::storage::Identity;
+use boundkey_fs::{fs_err, FsError};
 
 pub const CURRENT: &str = "current";
 pub const CERT: &str = "cert.pem";
@@ -57,17 +57,21 @@ impl Outputs {
 
     /// Writes a complete new set and switches `current` to it.
     pub fn write(&self, id: &Identity) -> Result<(), FsError> {
-        fsutil::ensure_dir(&self.dir, 0o700)?;
-        let name = format!("{GEN_PREFIX}{}-{}", id.generation, fsutil::random_suffix());
+        boundkey_fs::ensure_dir(&self.dir, 0o700)?;
+        let name = format!(
+            "{GEN_PREFIX}{}-{}",
+            id.generation,
+            boundkey_fs::random_suffix()
+        );
         let gen_dir = self.dir.join(&name);
         fs::create_dir(&gen_dir).map_err(fs_err(&gen_dir))?;
         fs::set_permissions(&gen_dir, fs::Permissions::from_mode(0o755))
             .map_err(fs_err(&gen_dir))?;
         let written = (|| {
-            fsutil::write_atomic(&gen_dir.join(CERT), id.certificate.as_bytes(), 0o644)?;
-            fsutil::write_atomic(&gen_dir.join(KEY), id.private_key.0.as_bytes(), 0o600)?;
-            fsutil::write_atomic(&gen_dir.join(CA), id.ca_bundle.as_bytes(), 0o644)?;
-            fsutil::fsync_dir(&gen_dir)
+            boundkey_fs::write_atomic(&gen_dir.join(CERT), id.certificate.as_bytes(), 0o644)?;
+            boundkey_fs::write_atomic(&gen_dir.join(KEY), id.private_key.0.as_bytes(), 0o600)?;
+            boundkey_fs::write_atomic(&gen_dir.join(CA), id.ca_bundle.as_bytes(), 0o644)?;
+            boundkey_fs::fsync_dir(&gen_dir)
         })();
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&gen_dir);
@@ -78,7 +82,7 @@ impl Outputs {
         for f in [CERT, KEY, CA] {
             self.ensure_link(f)?;
         }
-        fsutil::fsync_dir(&self.dir)?;
+        boundkey_fs::fsync_dir(&self.dir)?;
         self.remove_old(&name, previous.as_deref());
         Ok(())
     }
@@ -87,7 +91,7 @@ impl Outputs {
     fn replace_symlink(&self, link: &str, target: &Path) -> Result<(), FsError> {
         let tmp = self
             .dir
-            .join(format!(".{link}.tmp-{}", fsutil::random_suffix()));
+            .join(format!(".{link}.tmp-{}", boundkey_fs::random_suffix()));
         symlink(target, &tmp).map_err(fs_err(&tmp))?;
         let dst = self.dir.join(link);
         if let Err(e) = fs::rename(&tmp, &dst) {

@@ -15,9 +15,7 @@
 //! join state. Corrupt or truncated files are reported by name and never overwritten.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use boundkey_hal::Backend;
@@ -25,8 +23,8 @@ use boundkey_proto::JoinMethod;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
-use crate::fsutil::{self, FsError};
 use crate::keyset::KeySet;
+use boundkey_fs::{DirLock, FsError, LockError};
 
 pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";
@@ -162,50 +160,26 @@ impl State {
     }
 }
 
-/// The storage directory, locked for this process.
+/// The storage directory, locked for this process. Invariant: while a `Storage` lives, no other
+/// agent writes to the directory.
 #[derive(Debug)]
 pub struct Storage {
     dir: PathBuf,
     /// Held for the life of the process; the OS releases the lock when it exits, however it exits.
-    _lock: File,
+    _lock: DirLock,
 }
 
 impl Storage {
     /// Opens (creating with mode 0700) and exclusively locks `dir`.
     pub fn open_locked(dir: &Path) -> Result<Storage, StorageError> {
-        fsutil::ensure_dir(dir, 0o700)?;
-        let meta = fs::metadata(dir).map_err(fsutil::fs_err(dir))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(dir = %dir.display(), "storage directory was accessible to other users; setting mode 0700");
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(fsutil::fs_err(dir))?;
+        boundkey_fs::ensure_dir(dir, 0o700)?;
+        if boundkey_fs::tighten_dir(dir)? {
+            tracing::warn!(dir = %dir.display(), "storage directory was accessible to other users; removed their access");
         }
-        let lock_path = dir.join(LOCK_FILE);
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(fsutil::fs_err(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let pid = fs::read_to_string(&lock_path)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty());
-                return Err(StorageError::InUse {
-                    dir: dir.to_path_buf(),
-                    pid,
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(fsutil::fs_err(&lock_path)(e).into()),
-        }
-        // Informational only (shown to a second agent); the lock itself is what counts.
-        let _ = lock.set_len(0);
-        let _ = writeln!(lock, "{}", std::process::id());
+        let lock = DirLock::acquire(dir, LOCK_FILE).map_err(|e| match e {
+            LockError::Busy { dir, pid } => StorageError::InUse { dir, pid },
+            LockError::Fs(e) => StorageError::Io(e),
+        })?;
         Ok(Storage {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -235,7 +209,7 @@ impl Storage {
             source: io::Error::other(e),
         })?;
         bytes.push(b'\n');
-        let r = fsutil::write_atomic(&self.state_path(), &bytes, 0o600);
+        let r = boundkey_fs::write_atomic(&self.state_path(), &bytes, 0o600);
         bytes.zeroize();
         r.map_err(StorageError::from)
     }
@@ -245,7 +219,7 @@ impl Storage {
 /// sees either the old or the new file). `Ok(None)` if the agent never wrote one.
 pub fn read_state(dir: &Path) -> Result<Option<State>, StorageError> {
     let path = dir.join(STATE_FILE);
-    let Some(mut bytes) = fsutil::read_limited(&path, MAX_STATE_LEN)? else {
+    let Some(mut bytes) = boundkey_fs::read_limited(&path, MAX_STATE_LEN)? else {
         return Ok(None);
     };
     let r = parse_state(&path, &bytes);
@@ -279,7 +253,7 @@ fn parse_state(path: &Path, bytes: &[u8]) -> Result<State, StorageError> {
     let state: State =
         serde_json::from_value(value).map_err(|e| corrupt(format!("unexpected contents: {e}")))?;
     for k in state.keys.all() {
-        if boundkey_hal::KeyName::new(&k.name).is_err() || k.p256().is_none() {
+        if boundkey_hal::KeyName::new(&k.name).is_err() {
             return Err(corrupt(format!("invalid key reference {:?}", k.name)));
         }
     }
@@ -288,6 +262,11 @@ fn parse_state(path: &Path, bytes: &[u8]) -> Result<State, StorageError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
     use crate::keyset::KeyRef;
 
@@ -296,7 +275,7 @@ mod tests {
         let mut s = State::new(Backend::File);
         s.keys.set_active(KeyRef {
             name: "bound-1-ab".into(),
-            public_key: boundkey_proto::ssh_public_key(&pk),
+            public_key: pk,
             created_at: 1,
         });
         s.join = Some(JoinInfo {

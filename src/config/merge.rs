@@ -1,246 +1,18 @@
-//! Configuration: a TOML file, command-line flags and the join URI, merged into [`Settings`].
-//!
-//! Precedence and conflicts (see `docs/agent.md`):
-//! * plain settings (storage, destination, keystore, durations, TPM): a flag overrides the file;
-//! * join fields (method, token, auth server, CA pin): the file's explicit fields and its
-//!   `join_uri` are combined, then the `--join-uri` flag is merged over them. A field given on
-//!   both sides with different values is a conflict; every conflict is collected and reported in
-//!   one error, nothing is silently picked;
-//! * the registration secret may come from the join URI, `--registration-secret-file` (or the
-//!   file's `registration_secret_file`) and the `BOUNDKEY_REGISTRATION_SECRET` environment
-//!   variable; all sources given must agree (the error names the sources, never the values).
-//!
-//! [`merge`] is pure apart from the secret-file reader it is handed, so every rule is unit-tested.
+//! [`merge`]: file, flags and environment into [`Settings`].
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use boundkey_hal::Backend;
-use boundkey_proto::{CaPin, JoinMethod, JoinUri};
-use serde::Deserialize;
+use boundkey_proto::{CaPin, Endpoint, JoinMethod};
 use zeroize::Zeroizing;
 
-use crate::transport::Endpoint;
-
-pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(3600);
-pub const DEFAULT_RENEWAL_INTERVAL: Duration = Duration::from_secs(20 * 60);
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30 * 60);
-pub const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(10);
-pub const MAX_CERTIFICATE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-pub const SECRET_ENV: &str = "BOUNDKEY_REGISTRATION_SECRET";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {detail}", path.display())]
-    Read { path: PathBuf, detail: String },
-    #[error("config file {}: {detail}", path.display())]
-    Parse { path: PathBuf, detail: String },
-    #[error("invalid join URI ({source_name}): {detail}")]
-    Uri {
-        source_name: &'static str,
-        detail: String,
-    },
-    #[error("{}", Conflicts(.0))]
-    Conflicts(Vec<Conflict>),
-    #[error("invalid {what}: {detail}")]
-    Invalid { what: String, detail: String },
-    #[error("{what} is required ({hint})")]
-    Missing {
-        what: &'static str,
-        hint: &'static str,
-    },
-    #[error("registration secret file {}: {detail}", path.display())]
-    Secret { path: PathBuf, detail: String },
-}
-
-/// One field set differently by two sources.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conflict {
-    pub field: &'static str,
-    pub a: (String, Option<String>),
-    pub b: (String, Option<String>),
-}
-
-impl fmt::Display for Conflict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.a.1, &self.b.1) {
-            (Some(x), Some(y)) => write!(
-                f,
-                "{}: {} says {x:?} but {} says {y:?}",
-                self.field, self.a.0, self.b.0
-            ),
-            // Secrets: name the sources only.
-            _ => write!(f, "{}: {} and {} disagree", self.field, self.a.0, self.b.0),
-        }
-    }
-}
-
-struct Conflicts<'a>(&'a [Conflict]);
-
-impl fmt::Display for Conflicts<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conflicting configuration ({}): ", self.0.len())?;
-        for (i, c) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{c}")?;
-        }
-        f.write_str(" (make each pair agree or remove one side)")
-    }
-}
-
-/// The `[tpm]` table of the config file.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct TpmFileConfig {
-    pub tcti: Option<String>,
-    pub owner_auth_file: Option<PathBuf>,
-    pub key_auth_file: Option<PathBuf>,
-    pub parent: Option<String>,
-}
-
-/// The TOML config file. Unknown keys are errors, so a typo never silently drops a setting.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub join_uri: Option<String>,
-    pub join_method: Option<String>,
-    pub token: Option<String>,
-    pub auth_server: Option<String>,
-    pub ca_pin: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub registration_secret_file: Option<PathBuf>,
-    pub storage: Option<PathBuf>,
-    pub destination: Option<PathBuf>,
-    pub keystore: Option<String>,
-    pub certificate_ttl: Option<String>,
-    pub renewal_interval: Option<String>,
-    pub heartbeat_interval: Option<String>,
-    pub tpm: Option<TpmFileConfig>,
-}
-
-impl FileConfig {
-    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            detail: e.to_string().replace('\n', " ").trim().to_string(),
-        })
-    }
-
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let bytes = crate::fsutil::read_limited(path, 256 * 1024)
-            .map_err(|e| ConfigError::Read {
-                path: path.to_path_buf(),
-                detail: e.source.to_string(),
-            })?
-            .ok_or_else(|| ConfigError::Read {
-                path: path.to_path_buf(),
-                detail: "no such file".into(),
-            })?;
-        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
-            path: path.to_path_buf(),
-            detail: "not UTF-8 text".into(),
-        })?;
-        Self::parse(path, &text)
-    }
-}
-
-/// Command-line values (everything optional; `None` = not given).
-#[derive(Debug, Clone, Default)]
-pub struct Flags {
-    pub join_uri: Option<String>,
-    pub storage: Option<PathBuf>,
-    pub destination: Option<PathBuf>,
-    pub keystore: Option<String>,
-    pub tcti: Option<String>,
-    pub tpm_owner_auth_file: Option<PathBuf>,
-    pub tpm_key_auth_file: Option<PathBuf>,
-    pub tpm_parent: Option<String>,
-    pub certificate_ttl: Option<Duration>,
-    pub renewal_interval: Option<Duration>,
-    pub heartbeat_interval: Option<Duration>,
-    pub registration_secret_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    pub oneshot: bool,
-}
-
-/// TPM settings (the auth values stay files; they are read when the key store opens).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TpmSettings {
-    pub tcti: Option<String>,
-    pub owner_auth_file: Option<PathBuf>,
-    pub key_auth_file: Option<PathBuf>,
-    pub parent: Option<u32>,
-}
-
-/// Join parameters. Any may be absent here and come from the storage directory instead.
-#[derive(Clone, Default)]
-pub struct JoinSettings {
-    pub method: Option<JoinMethod>,
-    pub token: Option<String>,
-    pub auth_server: Option<Endpoint>,
-    pub ca_pin: Option<CaPin>,
-    pub ca_file: Option<PathBuf>,
-    pub registration_secret: Option<Zeroizing<String>>,
-}
-
-impl fmt::Debug for JoinSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let token = match self.method {
-            Some(JoinMethod::Token) => self.token.as_ref().map(|_| "<redacted>".to_string()),
-            _ => self.token.clone(),
-        };
-        f.debug_struct("JoinSettings")
-            .field("method", &self.method)
-            .field("token", &token)
-            .field("auth_server", &self.auth_server)
-            .field("ca_pin", &self.ca_pin)
-            .field("ca_file", &self.ca_file)
-            .field(
-                "registration_secret",
-                &self.registration_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
-/// The merged configuration.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub storage: PathBuf,
-    pub destination: Option<PathBuf>,
-    pub keystore: Option<Backend>,
-    pub tpm: TpmSettings,
-    pub join: JoinSettings,
-    pub certificate_ttl: Duration,
-    pub renewal_interval: Duration,
-    pub heartbeat_interval: Duration,
-    pub oneshot: bool,
-}
-
-/// Reads a secret file: UTF-8, one trailing newline removed, not empty.
-pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, ConfigError> {
-    let err = |detail: String| ConfigError::Secret {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let bytes = crate::fsutil::read_limited(path, 4096)
-        .map_err(|e| err(e.source.to_string()))?
-        .ok_or_else(|| err("no such file".into()))?;
-    let mut s = Zeroizing::new(String::from_utf8(bytes).map_err(|_| err("not UTF-8".into()))?);
-    if s.ends_with('\n') {
-        s.pop();
-        if s.ends_with('\r') {
-            s.pop();
-        }
-    }
-    if s.is_empty() {
-        return Err(err("empty".into()));
-    }
-    Ok(s)
-}
+use super::join_fields::{parse_uri, JoinFields};
+use super::{
+    ConfigError, Conflict, FileConfig, Flags, JoinSettings, Settings, TpmSettings,
+    DEFAULT_CERTIFICATE_TTL, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_RENEWAL_INTERVAL,
+    MAX_CERTIFICATE_TTL, MIN_CERTIFICATE_TTL, SECRET_ENV,
+};
 
 fn parse_duration(what: &str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s).map_err(|e| ConfigError::Invalid {
@@ -268,110 +40,10 @@ fn parse_backend(s: &str) -> Result<Backend, ConfigError> {
     })
 }
 
-/// Join fields as one source states them.
-#[derive(Default)]
-struct JoinFields {
-    method: Option<JoinMethod>,
-    token: Option<String>,
-    auth_server: Option<Endpoint>,
-    ca_pin: Option<CaPin>,
-    secret: Option<Zeroizing<String>>,
-}
-
-impl JoinFields {
-    fn from_uri(u: JoinUri) -> JoinFields {
-        JoinFields {
-            method: Some(u.method),
-            token: Some(u.token),
-            auth_server: Some(u.endpoint),
-            ca_pin: u.ca_pin,
-            secret: u.registration_secret.map(Zeroizing::new),
-        }
-    }
-
-    /// Merges `other` (named `b`) over `self` (named `a`), recording conflicts.
-    fn merge(&mut self, a: &str, other: JoinFields, b: &str, out: &mut Vec<Conflict>) {
-        fn field<T: PartialEq + Clone>(
-            name: &'static str,
-            mine: &mut Option<T>,
-            theirs: Option<T>,
-            show: impl Fn(&T) -> Option<String>,
-            a: &str,
-            b: &str,
-            out: &mut Vec<Conflict>,
-        ) {
-            match (mine.as_ref(), theirs) {
-                (Some(x), Some(y)) if *x != y => out.push(Conflict {
-                    field: name,
-                    a: (a.to_string(), show(x)),
-                    b: (b.to_string(), show(&y)),
-                }),
-                (None, Some(y)) => *mine = Some(y),
-                _ => {}
-            }
-        }
-        // The token is a secret for the token method: never echo it.
-        let token_method =
-            self.method == Some(JoinMethod::Token) || other.method == Some(JoinMethod::Token);
-        field(
-            "join_method",
-            &mut self.method,
-            other.method,
-            |m| Some(m.to_string()),
-            a,
-            b,
-            out,
-        );
-        field(
-            "token",
-            &mut self.token,
-            other.token,
-            |t| (!token_method).then(|| t.clone()),
-            a,
-            b,
-            out,
-        );
-        field(
-            "auth_server",
-            &mut self.auth_server,
-            other.auth_server,
-            |e| Some(e.to_string()),
-            a,
-            b,
-            out,
-        );
-        field(
-            "ca_pin",
-            &mut self.ca_pin,
-            other.ca_pin,
-            |p| Some(p.to_string()),
-            a,
-            b,
-            out,
-        );
-        field(
-            "registration_secret",
-            &mut self.secret,
-            other.secret,
-            |_| None,
-            a,
-            b,
-            out,
-        );
-    }
-}
-
-fn parse_uri(source_name: &'static str, s: &str) -> Result<JoinUri, ConfigError> {
-    s.parse::<JoinUri>().map_err(|e| ConfigError::Uri {
-        source_name,
-        detail: e.to_string(),
-    })
-}
-
 /// Merges file, flags and environment into [`Settings`].
 ///
 /// `env_secret` is the value of `BOUNDKEY_REGISTRATION_SECRET`; `read_secret` reads a secret file.
-pub fn merge(
+pub(crate) fn merge(
     file: Option<(&Path, &FileConfig)>,
     flags: &Flags,
     env_secret: Option<Zeroizing<String>>,
@@ -482,12 +154,10 @@ pub fn merge(
                 what: "--storage",
                 hint: "the directory where the agent keeps its keys and state",
             })?;
-    let keystore = flags
-        .keystore
-        .as_deref()
-        .or(fc.keystore.as_deref())
-        .map(parse_backend)
-        .transpose()?;
+    let keystore = match flags.keystore {
+        Some(b) => Some(b),
+        None => fc.keystore.as_deref().map(parse_backend).transpose()?,
+    };
     let ftpm = fc.tpm.clone().unwrap_or_default();
     let tpm = TpmSettings {
         tcti: flags.tcti.clone().or(ftpm.tcti),
@@ -565,25 +235,10 @@ pub fn merge(
     })
 }
 
-/// The renewal interval actually used: renewing after the certificate expired would force a
-/// recovery every time, so the interval is capped at half the TTL (with a warning).
-pub fn effective_renewal_interval(s: &Settings) -> Duration {
-    let cap = s.certificate_ttl / 2;
-    if s.renewal_interval > cap {
-        tracing::warn!(
-            renewal_interval = %humantime::format_duration(s.renewal_interval),
-            certificate_ttl = %humantime::format_duration(s.certificate_ttl),
-            "renewal interval is not shorter than half the certificate TTL; renewing every {} instead",
-            humantime::format_duration(cap)
-        );
-        cap
-    } else {
-        s.renewal_interval
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     const PIN_A: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -593,10 +248,10 @@ mod tests {
         match p.to_str() {
             Some("/secret-a") => Ok(Zeroizing::new("alpha".into())),
             Some("/secret-b") => Ok(Zeroizing::new("beta".into())),
-            _ => Err(ConfigError::Secret {
+            _ => Err(ConfigError::Secret(boundkey_fs::SecretFileError {
                 path: p.into(),
                 detail: "no such file".into(),
-            }),
+            })),
         }
     }
 
@@ -819,7 +474,7 @@ mod tests {
             "#,
         );
         let mut f = flags("/flag");
-        f.keystore = Some("file".into());
+        f.keystore = Some(Backend::File);
         f.renewal_interval = Some(Duration::from_secs(60));
         let s = merge(Some((Path::new("/c"), &fc)), &f, None, &no_files).unwrap();
         assert_eq!(s.storage, PathBuf::from("/flag"));
@@ -855,16 +510,5 @@ mod tests {
             msg.contains("/etc/b.toml") && msg.contains("storgae"),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn renewal_interval_is_capped_below_the_ttl() {
-        let mut f = flags("/s");
-        f.certificate_ttl = Some(Duration::from_secs(10));
-        let s = merge(None, &f, None, &no_files).unwrap();
-        assert_eq!(effective_renewal_interval(&s), Duration::from_secs(5));
-        f.certificate_ttl = Some(Duration::from_secs(3600));
-        let s = merge(None, &f, None, &no_files).unwrap();
-        assert_eq!(effective_renewal_interval(&s), DEFAULT_RENEWAL_INTERVAL);
     }
 }

@@ -1,0 +1,25 @@
+//! Values given on the command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use boundkey_hal::Backend;
+
+/// Command-line values (everything optional; `None` = not given).
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub join_uri: Option<String>,
+    pub storage: Option<PathBuf>,
+    pub destination: Option<PathBuf>,
+    pub keystore: Option<Backend>,
+    pub tcti: Option<String>,
+    pub tpm_owner_auth_file: Option<PathBuf>,
+    pub tpm_key_auth_file: Option<PathBuf>,
+    pub tpm_parent: Option<String>,
+    pub certificate_ttl: Option<Duration>,
+    pub renewal_interval: Option<Duration>,
+    pub heartbeat_interval: Option<Duration>,
+    pub registration_secret_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub oneshot: bool,
+}

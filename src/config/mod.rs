@@ -1,0 +1,110 @@
+//! Configuration: a TOML file, command-line flags and the join URI, merged into [`Settings`].
+//!
+//! Precedence and conflicts (see `docs/agent.md`):
+//! * plain settings (storage, destination, keystore, durations, TPM): a flag overrides the file;
+//! * join fields (method, token, auth server, CA pin): the file's explicit fields and its
+//!   `join_uri` are combined, then the `--join-uri` flag is merged over them. A field given on
+//!   both sides with different values is a conflict; every conflict is collected and reported in
+//!   one error, nothing is silently picked;
+//! * the registration secret may come from the join URI, `--registration-secret-file` (or the
+//!   file's `registration_secret_file`) and the `BOUNDKEY_REGISTRATION_SECRET` environment
+//!   variable; all sources given must agree (the error names the sources, never the values).
+//!
+//! [`merge`] is pure apart from the secret-file reader it is handed, so every rule is unit-tested.
+
+mod error;
+mod file;
+mod flags;
+mod join_fields;
+mod merge;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use boundkey_hal::Backend;
+use boundkey_proto::{CaPin, Endpoint, JoinMethod};
+use zeroize::Zeroizing;
+
+pub(crate) use error::{ConfigError, Conflict};
+pub(crate) use file::FileConfig;
+pub(crate) use flags::Flags;
+pub(crate) use merge::merge;
+
+pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_RENEWAL_INTERVAL: Duration = Duration::from_secs(20 * 60);
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30 * 60);
+pub const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(10);
+pub const MAX_CERTIFICATE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const SECRET_ENV: &str = "BOUNDKEY_REGISTRATION_SECRET";
+
+/// TPM settings (the auth values stay files; they are read when the key store opens).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TpmSettings {
+    pub tcti: Option<String>,
+    pub owner_auth_file: Option<PathBuf>,
+    pub key_auth_file: Option<PathBuf>,
+    pub parent: Option<u32>,
+}
+
+/// Join parameters. Any may be absent here and come from the storage directory instead.
+#[derive(Clone, Default)]
+pub struct JoinSettings {
+    pub method: Option<JoinMethod>,
+    pub token: Option<String>,
+    pub auth_server: Option<Endpoint>,
+    pub ca_pin: Option<CaPin>,
+    pub ca_file: Option<PathBuf>,
+    pub registration_secret: Option<Zeroizing<String>>,
+}
+
+impl fmt::Debug for JoinSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = match self.method {
+            Some(JoinMethod::Token) => self.token.as_ref().map(|_| "<redacted>".to_string()),
+            _ => self.token.clone(),
+        };
+        f.debug_struct("JoinSettings")
+            .field("method", &self.method)
+            .field("token", &token)
+            .field("auth_server", &self.auth_server)
+            .field("ca_pin", &self.ca_pin)
+            .field("ca_file", &self.ca_file)
+            .field(
+                "registration_secret",
+                &self.registration_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// The merged configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub storage: PathBuf,
+    pub destination: Option<PathBuf>,
+    pub keystore: Option<Backend>,
+    pub tpm: TpmSettings,
+    pub join: JoinSettings,
+    pub certificate_ttl: Duration,
+    pub renewal_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub oneshot: bool,
+}
+
+/// Loads the config file (if any) and merges it with the flags and the environment.
+pub(crate) fn load(
+    config_file: Option<&Path>,
+    flags: &Flags,
+    env_secret: Option<Zeroizing<String>>,
+) -> Result<Settings, ConfigError> {
+    let file = config_file
+        .map(|p| FileConfig::load(p).map(|c| (p, c)))
+        .transpose()?;
+    merge(
+        file.as_ref().map(|(p, c)| (*p, c)),
+        flags,
+        env_secret,
+        &|p| boundkey_fs::read_secret_file(p).map_err(ConfigError::from),
+    )
+}
