@@ -25,6 +25,7 @@
 //! The binaries are the bench profile's (`target/release`), started through the end-to-end test
 //! harness (`tests/common`), so build the server binaries in release first. Numbers are printed,
 //! never asserted. A run takes well under a minute.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

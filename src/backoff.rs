@@ -5,14 +5,14 @@ use std::time::Duration;
 /// Doubles from `base` up to `max`; each delay is drawn uniformly from `[d/2, d]` so a fleet that
 /// lost the auth service at the same moment does not come back in lockstep.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         Backoff {
             base,
             max,
@@ -21,24 +21,24 @@ impl Backoff {
     }
 
     /// The un-jittered delay of the next attempt.
-    pub fn ceiling(&self) -> Duration {
+    pub(crate) fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max)
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
         jitter(d)
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }
 
 /// A uniformly random duration in `[d/2, d]`.
-pub fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     use rand_core::RngCore;
     let half = d / 2;
     let span = u64::try_from((d - half).as_millis()).unwrap_or(u64::MAX);

@@ -15,19 +15,19 @@ use crate::storage::StorageError;
 use crate::transport::TransportError;
 
 /// Exit codes.
-pub mod exit {
+pub(crate) mod exit {
     /// Network, TLS, storage I/O, key store or any other runtime failure.
-    pub const FAILURE: u8 = 1;
+    pub(crate) const FAILURE: u8 = 1;
     /// Bad command line or configuration.
-    pub const USAGE: u8 = 2;
+    pub(crate) const USAGE: u8 = 2;
     /// The auth service refused (access denied, locked, no recoveries left, bad request).
-    pub const REFUSED: u8 = 3;
+    pub(crate) const REFUSED: u8 = 3;
     /// The storage directory is in use by another agent.
-    pub const IN_USE: u8 = 4;
+    pub(crate) const IN_USE: u8 = 4;
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(crate) enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -84,7 +84,7 @@ impl From<JoinError<AgentError>> for AgentError {
 
 impl AgentError {
     /// Whether retrying the same operation later may succeed without anyone changing anything.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             AgentError::Transport(t) => t.is_retryable(),
             AgentError::Refused { code, .. } => code.is_retryable(),
@@ -98,7 +98,7 @@ impl AgentError {
     /// Whether the daemon must stop instead of retrying: a wrong TPM auth value cannot become
     /// right (it is read once, at start-up), and every retry counts towards the TPM's
     /// dictionary-attack lockout, which would lock the TPM for every other user too.
-    pub fn is_fatal(&self) -> bool {
+    pub(crate) fn is_fatal(&self) -> bool {
         self.exit_code() == exit::USAGE
             || matches!(
                 self,
@@ -106,7 +106,7 @@ impl AgentError {
             )
     }
 
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             AgentError::Config(_)
             | AgentError::Usage(_)
@@ -120,7 +120,7 @@ impl AgentError {
     }
 
     /// Builds the refusal message for a server error code, with what to do about it.
-    pub fn refused(
+    pub(crate) fn refused(
         code: ErrorCode,
         server_message: &str,
         token: Option<&str>,

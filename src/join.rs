@@ -28,14 +28,14 @@ const MAX_ROUNDS: usize = 8;
 
 /// A key the agent holds and may be asked to prove.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldKey {
+pub(crate) struct HeldKey {
     pub name: String,
     pub public_key: p256::PublicKey,
 }
 
 /// Everything the ceremony needs to know up front.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub method: JoinMethod,
     /// Token name (bound keypair), or the secret token (`token` method; `None` to renew).
     pub token: Option<String>,
@@ -50,7 +50,7 @@ pub struct Plan {
 }
 
 /// The side effects a ceremony asks for.
-pub trait Effects {
+pub(crate) trait Effects {
     type Error;
     /// Creates a new key in the key store (not yet recorded anywhere).
     fn create_key(&mut self) -> Result<HeldKey, Self::Error>;
@@ -64,7 +64,7 @@ pub trait Effects {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum JoinError<E> {
+pub(crate) enum JoinError<E> {
     /// The auth service refused, with its error code and generic message.
     #[error("the auth service refused: {message} ({})", code.as_str())]
     Refused { code: ErrorCode, message: String },
@@ -83,7 +83,7 @@ pub enum JoinError<E> {
 
 impl<E> JoinError<E> {
     /// Separates a failed side effect (the caller's own error) from a ceremony failure.
-    pub fn into_effect(self) -> Result<E, JoinError<std::convert::Infallible>> {
+    pub(crate) fn into_effect(self) -> Result<E, JoinError<std::convert::Infallible>> {
         match self {
             JoinError::Effect(e) => Ok(e),
             JoinError::Refused { code, message } => Err(JoinError::Refused { code, message }),
@@ -96,7 +96,7 @@ impl<E> JoinError<E> {
 
 /// A finished ceremony.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub result: JoinResult,
     /// The held key the Result names as bound (bound keypair only).
     pub bound_key: Option<HeldKey>,
@@ -104,7 +104,7 @@ pub struct Outcome {
 
 /// What to do next.
 #[derive(Debug)]
-pub enum Step {
+pub(crate) enum Step {
     Send(ClientMessage),
     Done(Box<Outcome>),
 }
@@ -116,7 +116,7 @@ enum Stage {
 }
 
 #[derive(Debug)]
-pub struct Ceremony {
+pub(crate) struct Ceremony {
     plan: Plan,
     stage: Stage,
     rounds: usize,
@@ -128,7 +128,7 @@ pub struct Ceremony {
 
 impl Ceremony {
     /// Begins a ceremony: returns it and the first message.
-    pub fn start(plan: Plan) -> (Ceremony, ClientMessage) {
+    pub(crate) fn start(plan: Plan) -> (Ceremony, ClientMessage) {
         let params = BotParams {
             identity_public_key: keys::pkix_b64(&plan.identity_key.public_key()),
             ttl_secs: plan.ttl_secs,
@@ -168,14 +168,14 @@ impl Ceremony {
 
     /// After a failure: whether the auth service may have committed a ceremony whose result the
     /// agent never recorded (this one, or an earlier one).
-    pub fn uncertain_after_failure(&self) -> bool {
+    pub(crate) fn uncertain_after_failure(&self) -> bool {
         self.plan.prior_uncertain
             || (self.plan.method == JoinMethod::BoundKeypair
                 && self.awaiting_reply_to_commit_candidate)
     }
 
     /// Feeds the next server message.
-    pub fn handle<F: Effects>(
+    pub(crate) fn handle<F: Effects>(
         &mut self,
         msg: ServerMessage,
         fx: &mut F,

@@ -12,15 +12,15 @@
 use serde::{Deserialize, Serialize};
 
 /// Earlier keys kept (and still able to answer challenges).
-pub const HISTORY_LIMIT: usize = 10;
+pub(crate) const HISTORY_LIMIT: usize = 10;
 
 /// Prefix of every key name this agent creates; only such keys are garbage-collected.
-pub const KEY_PREFIX: &str = "bound-";
+pub(crate) const KEY_PREFIX: &str = "bound-";
 
 /// A key in the key store, with its public key so challenges can be matched without the HAL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KeyRef {
+pub(crate) struct KeyRef {
     /// Name in the key store.
     pub name: String,
     /// Stored in SSH `ecdsa-sha2-nistp256 …` form; parsed once, when `state.json` is read.
@@ -31,12 +31,12 @@ pub struct KeyRef {
 }
 
 impl KeyRef {
-    pub fn kid(&self) -> String {
+    pub(crate) fn kid(&self) -> String {
         boundkey_proto::kid(&self.public_key)
     }
 
     /// The SSH `authorized_keys` form an operator pastes into `boundkeyctl`.
-    pub fn ssh_public_key(&self) -> String {
+    pub(crate) fn ssh_public_key(&self) -> String {
         boundkey_proto::ssh_public_key(&self.public_key)
     }
 }
@@ -59,7 +59,7 @@ mod ssh_form {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KeySet {
+pub(crate) struct KeySet {
     /// The key believed bound on the auth service (or made by `keypair create`).
     #[serde(default)]
     pub active: Option<KeyRef>,
@@ -73,26 +73,26 @@ pub struct KeySet {
 
 impl KeySet {
     /// Every key held, active first, then pending, then history.
-    pub fn all(&self) -> impl Iterator<Item = &KeyRef> {
+    pub(crate) fn all(&self) -> impl Iterator<Item = &KeyRef> {
         self.active
             .iter()
             .chain(self.pending.iter())
             .chain(self.history.iter())
     }
 
-    pub fn contains_name(&self, name: &str) -> bool {
+    pub(crate) fn contains_name(&self, name: &str) -> bool {
         self.all().any(|k| k.name == name)
     }
 
     /// Finds a key by public key (SSH form compared as parsed points).
-    pub fn find(&self, public_key: &p256::PublicKey) -> Option<&KeyRef> {
+    pub(crate) fn find(&self, public_key: &p256::PublicKey) -> Option<&KeyRef> {
         self.all().find(|k| k.public_key == *public_key)
     }
 
     /// Records a new rotation key. A previous unconfirmed pending key moves to the history (it
     /// may have been sent, so it is kept like any other earlier key). Returns keys that fell
     /// off the history.
-    pub fn set_pending(&mut self, key: KeyRef) -> Vec<KeyRef> {
+    pub(crate) fn set_pending(&mut self, key: KeyRef) -> Vec<KeyRef> {
         if let Some(old) = self.pending.take() {
             self.history.insert(0, old);
         }
@@ -101,7 +101,7 @@ impl KeySet {
     }
 
     /// Replaces the active key (e.g. `keypair create --overwrite`); the old one joins the history.
-    pub fn set_active(&mut self, key: KeyRef) -> Vec<KeyRef> {
+    pub(crate) fn set_active(&mut self, key: KeyRef) -> Vec<KeyRef> {
         if let Some(old) = self.active.take() {
             self.history.insert(0, old);
         }
@@ -112,7 +112,7 @@ impl KeySet {
     /// A `Result` named `public_key` as bound: that key becomes active, every other key goes to
     /// the history. Returns the keys that fell off the history, or `None` if no held key matches
     /// (nothing is changed then).
-    pub fn promote(&mut self, public_key: &p256::PublicKey) -> Option<Vec<KeyRef>> {
+    pub(crate) fn promote(&mut self, public_key: &p256::PublicKey) -> Option<Vec<KeyRef>> {
         let chosen = self.find(public_key)?.clone();
         let mut others: Vec<KeyRef> = Vec::new();
         if let Some(p) = self.pending.take() {
@@ -157,7 +157,7 @@ impl KeySet {
 }
 
 /// A fresh, unique key name: `bound-<unix seconds>-<random>`.
-pub fn new_key_name(now: i64) -> String {
+pub(crate) fn new_key_name(now: i64) -> String {
     format!("{KEY_PREFIX}{now}-{}", boundkey_fs::random_suffix())
 }
 

@@ -26,37 +26,37 @@ use std::path::{Path, PathBuf};
 use crate::storage::Identity;
 use boundkey_fs::{fs_err, FsError};
 
-pub const CURRENT: &str = "current";
-pub const CERT: &str = "cert.pem";
-pub const KEY: &str = "key.pem";
-pub const CA: &str = "ca.pem";
+pub(crate) const CURRENT: &str = "current";
+pub(crate) const CERT: &str = "cert.pem";
+pub(crate) const KEY: &str = "key.pem";
+pub(crate) const CA: &str = "ca.pem";
 const GEN_PREFIX: &str = ".gen-";
 
 #[derive(Debug, Clone)]
-pub struct Outputs {
+pub(crate) struct Outputs {
     dir: PathBuf,
 }
 
 impl Outputs {
-    pub fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         Outputs {
             dir: dir.to_path_buf(),
         }
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// True if `current` holds exactly this identity's certificate.
-    pub fn is_current(&self, id: &Identity) -> bool {
+    pub(crate) fn is_current(&self, id: &Identity) -> bool {
         fs::read_to_string(self.dir.join(CURRENT).join(CERT))
             .map(|c| c == id.certificate)
             .unwrap_or(false)
     }
 
     /// Writes a complete new set and switches `current` to it.
-    pub fn write(&self, id: &Identity) -> Result<(), FsError> {
+    pub(crate) fn write(&self, id: &Identity) -> Result<(), FsError> {
         boundkey_fs::ensure_dir(&self.dir, 0o700)?;
         let name = format!(
             "{GEN_PREFIX}{}-{}",

@@ -26,15 +26,15 @@ use zeroize::Zeroize;
 use crate::keyset::KeySet;
 use boundkey_fs::{DirLock, FsError, LockError};
 
-pub const STATE_FILE: &str = "state.json";
-pub const LOCK_FILE: &str = "lock";
-pub const KEYS_DIR: &str = "keys";
+pub(crate) const STATE_FILE: &str = "state.json";
+pub(crate) const LOCK_FILE: &str = "lock";
+pub(crate) const KEYS_DIR: &str = "keys";
 /// Version of `state.json` this build writes; older versions are upgraded on load.
-pub const STATE_VERSION: u32 = 1;
+pub(crate) const STATE_VERSION: u32 = 1;
 const MAX_STATE_LEN: u64 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StorageError {
+pub(crate) enum StorageError {
     #[error(transparent)]
     Io(#[from] FsError),
     #[error(
@@ -58,7 +58,7 @@ pub enum StorageError {
 /// A secret string (PEM private key): zeroed on drop, never printed.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(pub String);
+pub(crate) struct Secret(pub String);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -75,7 +75,7 @@ impl Drop for Secret {
 /// How and where this device joins. Recorded at the first successful join.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JoinInfo {
+pub(crate) struct JoinInfo {
     pub method: JoinMethod,
     /// Token name (bound keypair). For the `token` method the token is a secret and is not kept.
     #[serde(default)]
@@ -90,7 +90,7 @@ pub struct JoinInfo {
 /// The current identity: what the last `Result` carried, plus the identity private key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub bot_name: String,
     pub instance_id: String,
     pub generation: u64,
@@ -116,7 +116,7 @@ pub struct Identity {
 /// older agent) makes the agent recover instead of renewing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     /// Unix seconds.
     pub since: i64,
     /// `first_join`, `renewal` or `recovery`.
@@ -129,7 +129,7 @@ pub struct InFlight {
 /// `state.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct State {
+pub(crate) struct State {
     pub version: u32,
     /// Key store backend holding the bound keys (`file` or `tpm`); fixed for the directory.
     pub keystore: Backend,
@@ -144,7 +144,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(backend: Backend) -> Self {
+    pub(crate) fn new(backend: Backend) -> Self {
         State {
             version: STATE_VERSION,
             keystore: backend,
@@ -155,7 +155,7 @@ impl State {
         }
     }
 
-    pub fn backend(&self) -> Backend {
+    pub(crate) fn backend(&self) -> Backend {
         self.keystore
     }
 }
@@ -163,7 +163,7 @@ impl State {
 /// The storage directory, locked for this process. Invariant: while a `Storage` lives, no other
 /// agent writes to the directory.
 #[derive(Debug)]
-pub struct Storage {
+pub(crate) struct Storage {
     dir: PathBuf,
     /// Held for the life of the process; the OS releases the lock when it exits, however it exits.
     _lock: DirLock,
@@ -171,7 +171,7 @@ pub struct Storage {
 
 impl Storage {
     /// Opens (creating with mode 0700) and exclusively locks `dir`.
-    pub fn open_locked(dir: &Path) -> Result<Storage, StorageError> {
+    pub(crate) fn open_locked(dir: &Path) -> Result<Storage, StorageError> {
         boundkey_fs::ensure_dir(dir, 0o700)?;
         if boundkey_fs::tighten_dir(dir)? {
             tracing::warn!(dir = %dir.display(), "storage directory was accessible to other users; removed their access");
@@ -186,24 +186,24 @@ impl Storage {
         })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn keys_dir(&self) -> PathBuf {
+    pub(crate) fn keys_dir(&self) -> PathBuf {
         self.dir.join(KEYS_DIR)
     }
 
-    pub fn state_path(&self) -> PathBuf {
+    pub(crate) fn state_path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }
 
-    pub fn load(&self) -> Result<Option<State>, StorageError> {
+    pub(crate) fn load(&self) -> Result<Option<State>, StorageError> {
         read_state(&self.dir)
     }
 
     /// Atomically replaces `state.json`.
-    pub fn save(&self, state: &State) -> Result<(), StorageError> {
+    pub(crate) fn save(&self, state: &State) -> Result<(), StorageError> {
         let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| FsError {
             path: self.state_path(),
             source: io::Error::other(e),
@@ -217,7 +217,7 @@ impl Storage {
 
 /// Reads `DIR/state.json` without taking the lock (for `status`; writes are atomic, so a reader
 /// sees either the old or the new file). `Ok(None)` if the agent never wrote one.
-pub fn read_state(dir: &Path) -> Result<Option<State>, StorageError> {
+pub(crate) fn read_state(dir: &Path) -> Result<Option<State>, StorageError> {
     let path = dir.join(STATE_FILE);
     let Some(mut bytes) = boundkey_fs::read_limited(&path, MAX_STATE_LEN)? else {
         return Ok(None);

@@ -28,10 +28,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub(crate) enum TransportError {
     #[error("cannot connect to the auth service at {addr}: {source}")]
     Connect {
         addr: String,
@@ -76,7 +76,7 @@ pub enum TransportError {
 
 impl TransportError {
     /// Worth retrying later unchanged (network trouble, not a misconfiguration).
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         !matches!(
             self,
             TransportError::PinMismatch { .. } | TransportError::Config(_)
@@ -84,17 +84,17 @@ impl TransportError {
     }
 }
 
-pub use boundkey_proto::Endpoint;
+pub(crate) use boundkey_proto::Endpoint;
 
 /// How the server is authenticated.
 #[derive(Debug, Clone)]
-pub enum Trust {
+pub(crate) enum Trust {
     Pin(CaPin),
     Ca(Vec<CertificateDer<'static>>),
 }
 
 /// A client certificate chain and its private key, for mTLS.
-pub struct ClientIdentity {
+pub(crate) struct ClientIdentity {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
 }
@@ -109,7 +109,7 @@ impl fmt::Debug for ClientIdentity {
 
 impl ClientIdentity {
     /// From a PEM certificate chain and a PKCS#8 PEM key.
-    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
+    pub(crate) fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
         let chain = certs_from_pem(chain_pem)?;
         if chain.is_empty() {
             return Err(TransportError::Config(
@@ -124,7 +124,7 @@ impl ClientIdentity {
 }
 
 /// Parses every `CERTIFICATE` block of a PEM text.
-pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+pub(crate) fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     use rustls::pki_types::pem::PemObject;
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -132,7 +132,7 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, Transpo
 }
 
 /// PEM of one DER certificate.
-pub fn cert_to_pem(der: &[u8]) -> String {
+pub(crate) fn cert_to_pem(der: &[u8]) -> String {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
     let b64 = STANDARD.encode(der);
@@ -150,7 +150,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The SubjectPublicKeyInfo (complete DER TLV) of an X.509 certificate.
-pub fn spki_of(cert: &[u8]) -> Option<&[u8]> {
+pub(crate) fn spki_of(cert: &[u8]) -> Option<&[u8]> {
     /// (tag, whole TLV, contents, rest)
     type Tlv<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
     /// Splits one DER TLV off `b`.
@@ -322,7 +322,7 @@ impl ServerCertVerifier for PinnedVerifier {
 }
 
 /// An open connection to the auth service.
-pub struct Connection {
+pub(crate) struct Connection {
     addr: String,
     stream: TlsStream<TcpStream>,
     learned_ca: Option<CertificateDer<'static>>,
@@ -339,7 +339,7 @@ impl fmt::Debug for Connection {
 
 /// Connects, performs the TLS 1.3 handshake (presenting `client` if given) and authenticates the
 /// server per `trust`.
-pub async fn connect(
+pub(crate) async fn connect(
     endpoint: &Endpoint,
     trust: &Trust,
     client: Option<&ClientIdentity>,
@@ -466,11 +466,11 @@ fn classify_io(addr: &str, e: io::Error, mtls: bool, handshake: bool) -> Transpo
 
 impl Connection {
     /// The pinned CA certificate found in the server's chain (pin mode only).
-    pub fn learned_ca(&self) -> Option<&CertificateDer<'static>> {
+    pub(crate) fn learned_ca(&self) -> Option<&CertificateDer<'static>> {
         self.learned_ca.as_ref()
     }
 
-    pub async fn send(&mut self, msg: &ClientMessage) -> Result<(), TransportError> {
+    pub(crate) async fn send(&mut self, msg: &ClientMessage) -> Result<(), TransportError> {
         let bytes = frame::encode_frame(msg).map_err(|source| TransportError::Frame {
             addr: self.addr.clone(),
             source,
@@ -483,7 +483,7 @@ impl Connection {
         r.map_err(|e| classify_io(&self.addr, e, self.mtls, false))
     }
 
-    pub async fn recv(&mut self) -> Result<ServerMessage, TransportError> {
+    pub(crate) async fn recv(&mut self) -> Result<ServerMessage, TransportError> {
         let mut header = [0u8; FRAME_HEADER_LEN];
         self.stream
             .read_exact(&mut header)
@@ -505,7 +505,7 @@ impl Connection {
     }
 
     /// Best-effort close_notify.
-    pub async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await;
     }
 }

@@ -4,6 +4,7 @@
 //! lost after the service committed is delivered again (`docs/protocol.md` §5.4).
 //!
 //! Crash points exist in debug builds only (`BOUNDKEY_CRASH_AT`, see `src/crash.rs`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

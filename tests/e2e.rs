@@ -2,6 +2,7 @@
 //!
 //! Build the auth service first: `cargo build --workspace --bins && cargo test -p boundkey`.
 //! `BOUNDKEY_TEST_KEYSTORE=tpm` runs them against swtpm instead of the file key store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! swtpm and tpm2-tools must be installed (the harness panics with install instructions if not).
 //!
 //! Nothing here sleeps to synchronise: every wait polls a condition with a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

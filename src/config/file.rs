@@ -12,7 +12,7 @@ const MAX_CONFIG_FILE: u64 = 256 * 1024;
 /// The `[tpm]` table of the config file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct TpmFileConfig {
+pub(crate) struct TpmFileConfig {
     pub tcti: Option<String>,
     pub owner_auth_file: Option<PathBuf>,
     pub key_auth_file: Option<PathBuf>,
@@ -22,7 +22,7 @@ pub struct TpmFileConfig {
 /// The TOML config file. Unknown keys are errors, so a typo never silently drops a setting.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     pub join_uri: Option<String>,
     pub join_method: Option<String>,
     pub token: Option<String>,
@@ -40,14 +40,14 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
-    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             detail: e.to_string().replace('\n', " ").trim().to_string(),
         })
     }
 
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let bytes = boundkey_fs::read_limited(path, MAX_CONFIG_FILE)
             .map_err(|e| ConfigError::Read {
                 path: path.to_path_buf(),

@@ -7,7 +7,7 @@ use boundkey_hal::Backend;
 
 /// Command-line values (everything optional; `None` = not given).
 #[derive(Debug, Clone, Default)]
-pub struct Flags {
+pub(crate) struct Flags {
     pub join_uri: Option<String>,
     pub storage: Option<PathBuf>,
     pub destination: Option<PathBuf>,

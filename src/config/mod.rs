@@ -31,16 +31,16 @@ pub(crate) use file::FileConfig;
 pub(crate) use flags::Flags;
 pub(crate) use merge::merge;
 
-pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(3600);
-pub const DEFAULT_RENEWAL_INTERVAL: Duration = Duration::from_secs(20 * 60);
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30 * 60);
-pub const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(10);
-pub const MAX_CERTIFICATE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-pub const SECRET_ENV: &str = "BOUNDKEY_REGISTRATION_SECRET";
+pub(crate) const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_RENEWAL_INTERVAL: Duration = Duration::from_secs(20 * 60);
+pub(crate) const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30 * 60);
+pub(crate) const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const MAX_CERTIFICATE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const SECRET_ENV: &str = "BOUNDKEY_REGISTRATION_SECRET";
 
 /// TPM settings (the auth values stay files; they are read when the key store opens).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TpmSettings {
+pub(crate) struct TpmSettings {
     pub tcti: Option<String>,
     pub owner_auth_file: Option<PathBuf>,
     pub key_auth_file: Option<PathBuf>,
@@ -49,7 +49,7 @@ pub struct TpmSettings {
 
 /// Join parameters. Any may be absent here and come from the storage directory instead.
 #[derive(Clone, Default)]
-pub struct JoinSettings {
+pub(crate) struct JoinSettings {
     pub method: Option<JoinMethod>,
     pub token: Option<String>,
     pub auth_server: Option<Endpoint>,
@@ -80,7 +80,7 @@ impl fmt::Debug for JoinSettings {
 
 /// The merged configuration.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub storage: PathBuf,
     pub destination: Option<PathBuf>,
     pub keystore: Option<Backend>,

@@ -9,7 +9,7 @@
 //!
 //! The key store is a parameter: `BOUNDKEY_TEST_KEYSTORE=tpm` runs every scenario against a
 //! private swtpm per agent instead of the file backend.
-
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::fs::File;
@@ -24,14 +24,14 @@ use boundkey_testkit::{ChildGuard, Swtpm};
 use serde_json::Value;
 use tempfile::TempDir;
 
-pub const DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 
-pub fn boundkeyd() -> PathBuf {
+pub(crate) fn boundkeyd() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_boundkeyd"))
 }
 
 /// A binary built next to `boundkeyd` (the server package's binaries).
-pub fn sibling(name: &str) -> PathBuf {
+pub(crate) fn sibling(name: &str) -> PathBuf {
     let p = boundkeyd()
         .parent()
         .expect("boundkeyd has a parent directory")
@@ -45,7 +45,7 @@ pub fn sibling(name: &str) -> PathBuf {
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -56,23 +56,23 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-pub fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
 }
 
-pub fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-pub fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[track_caller]
-pub fn assert_ok(o: &Output) {
+pub(crate) fn assert_ok(o: &Output) {
     assert!(
         o.status.success(),
         "expected success, got {:?}\nstdout: {}\nstderr: {}",
@@ -83,7 +83,7 @@ pub fn assert_ok(o: &Output) {
 }
 
 /// The last line boundkeyd printed on stderr (its one-line error).
-pub fn error_line(o: &Output) -> String {
+pub(crate) fn error_line(o: &Output) -> String {
     stderr(o)
         .lines()
         .rev()
@@ -93,7 +93,7 @@ pub fn error_line(o: &Output) -> String {
 }
 
 /// A running auth service.
-pub struct AuthServer {
+pub(crate) struct AuthServer {
     dir: TempDir,
     pub data_dir: PathBuf,
     pub addr: String,
@@ -102,7 +102,7 @@ pub struct AuthServer {
 }
 
 impl AuthServer {
-    pub fn start() -> AuthServer {
+    pub(crate) fn start() -> AuthServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("auth");
         let log = File::create(dir.path().join("authd.log")).expect("log file");
@@ -155,12 +155,12 @@ impl AuthServer {
         }
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         read_log(self.dir.path())
     }
 
     /// Runs `boundkeyctl --data-dir D --format json ARGS`.
-    pub fn ctl(&self, args: &[&str]) -> Output {
+    pub(crate) fn ctl(&self, args: &[&str]) -> Output {
         Command::new(sibling("boundkeyctl"))
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -171,7 +171,7 @@ impl AuthServer {
     }
 
     #[track_caller]
-    pub fn ctl_json(&self, args: &[&str]) -> Value {
+    pub(crate) fn ctl_json(&self, args: &[&str]) -> Value {
         let o = self.ctl(args);
         assert_ok(&o);
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
@@ -182,12 +182,12 @@ impl AuthServer {
         })
     }
 
-    pub fn add_bot(&self, name: &str) {
+    pub(crate) fn add_bot(&self, name: &str) {
         self.ctl_json(&["bots", "add", name]);
     }
 
     /// `tokens add --bot BOT ARGS…`
-    pub fn add_token(&self, bot: &str, args: &[&str]) -> Token {
+    pub(crate) fn add_token(&self, bot: &str, args: &[&str]) -> Token {
         let mut a = vec!["tokens", "add", "--bot", bot];
         a.extend_from_slice(args);
         let v = self.ctl_json(&a);
@@ -199,26 +199,26 @@ impl AuthServer {
     }
 
     /// A bot and a bound-keypair token with a registration secret.
-    pub fn bot_with_token(&self, bot: &str, args: &[&str]) -> Token {
+    pub(crate) fn bot_with_token(&self, bot: &str, args: &[&str]) -> Token {
         self.add_bot(bot);
         let mut a = vec!["--join-method", "bound_keypair"];
         a.extend_from_slice(args);
         self.add_token(bot, &a)
     }
 
-    pub fn token(&self, name: &str) -> Value {
+    pub(crate) fn token(&self, name: &str) -> Value {
         self.ctl_json(&["tokens", "show", name])
     }
 
-    pub fn instance(&self, id: &str) -> Value {
+    pub(crate) fn instance(&self, id: &str) -> Value {
         self.ctl_json(&["instances", "show", id])
     }
 
-    pub fn locks(&self) -> Vec<Value> {
+    pub(crate) fn locks(&self) -> Vec<Value> {
         as_list(self.ctl_json(&["locks", "ls"]), "locks")
     }
 
-    pub fn audit(&self) -> Vec<Value> {
+    pub(crate) fn audit(&self) -> Vec<Value> {
         as_list(self.ctl_json(&["audit", "ls"]), "events")
     }
 }
@@ -239,14 +239,14 @@ fn read_log(dir: &Path) -> String {
 }
 
 #[derive(Debug, Clone)]
-pub struct Token {
+pub(crate) struct Token {
     pub name: String,
     pub join_uri: String,
     pub registration_secret: Option<String>,
 }
 
 /// Which key store the agents of a test use.
-pub enum Keystore {
+pub(crate) enum Keystore {
     File,
     /// A private software TPM (kept running for the agent's lifetime).
     Tpm(Swtpm),
@@ -254,7 +254,7 @@ pub enum Keystore {
 
 impl Keystore {
     /// From `BOUNDKEY_TEST_KEYSTORE` (`file`, the default, or `tpm`).
-    pub fn from_env() -> Keystore {
+    pub(crate) fn from_env() -> Keystore {
         match std::env::var("BOUNDKEY_TEST_KEYSTORE").as_deref() {
             Ok("tpm") => Keystore::Tpm(Swtpm::start()),
             Ok("file") | Err(_) => Keystore::File,
@@ -262,14 +262,14 @@ impl Keystore {
         }
     }
 
-    pub fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         match self {
             Keystore::File => vec!["--keystore".into(), "file".into()],
             Keystore::Tpm(t) => vec!["--keystore".into(), "tpm".into(), "--tcti".into(), t.tcti()],
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Keystore::File => "file",
             Keystore::Tpm(_) => "tpm",
@@ -278,7 +278,7 @@ impl Keystore {
 }
 
 /// One device: a storage and a destination directory, and its key store.
-pub struct Device {
+pub(crate) struct Device {
     dir: TempDir,
     pub storage: PathBuf,
     pub destination: PathBuf,
@@ -286,11 +286,11 @@ pub struct Device {
 }
 
 impl Device {
-    pub fn new() -> Device {
+    pub(crate) fn new() -> Device {
         Self::with_keystore(Keystore::from_env())
     }
 
-    pub fn with_keystore(keystore: Keystore) -> Device {
+    pub(crate) fn with_keystore(keystore: Keystore) -> Device {
         let dir = tempfile::tempdir().expect("tempdir");
         Device {
             storage: dir.path().join("storage"),
@@ -301,16 +301,21 @@ impl Device {
     }
 
     /// Another device record sharing this one's key store (for copied storage).
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// `boundkeyd start --storage S --destination D <keystore args> ARGS` (not yet run).
-    pub fn start_cmd(&self, args: &[&str]) -> Command {
+    pub(crate) fn start_cmd(&self, args: &[&str]) -> Command {
         self.start_cmd_at(&self.storage, &self.destination, args)
     }
 
-    pub fn start_cmd_at(&self, storage: &Path, destination: &Path, args: &[&str]) -> Command {
+    pub(crate) fn start_cmd_at(
+        &self,
+        storage: &Path,
+        destination: &Path,
+        args: &[&str],
+    ) -> Command {
         let mut c = Command::new(boundkeyd());
         c.arg("start")
             .arg("--storage")
@@ -330,7 +335,7 @@ impl Device {
     }
 
     /// Runs `start --oneshot ARGS`.
-    pub fn oneshot(&self, args: &[&str]) -> Output {
+    pub(crate) fn oneshot(&self, args: &[&str]) -> Output {
         let mut a = vec!["--oneshot"];
         a.extend_from_slice(args);
         self.start_cmd(&a).output().expect("run boundkeyd")
@@ -338,13 +343,13 @@ impl Device {
 
     /// Runs `start --oneshot --join-uri URI`, asserting success.
     #[track_caller]
-    pub fn join(&self, uri: &str) {
+    pub(crate) fn join(&self, uri: &str) {
         let o = self.oneshot(&["--join-uri", uri]);
         assert_ok(&o);
     }
 
     /// Starts the daemon (not --oneshot).
-    pub fn spawn_daemon(&self, args: &[&str]) -> ChildGuard {
+    pub(crate) fn spawn_daemon(&self, args: &[&str]) -> ChildGuard {
         let log = File::create(self.dir.path().join("daemon.log")).expect("daemon log");
         ChildGuard::spawn(
             self.start_cmd(args)
@@ -354,11 +359,11 @@ impl Device {
         .expect("spawn boundkeyd")
     }
 
-    pub fn daemon_log(&self) -> String {
+    pub(crate) fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
-    pub fn status_at(storage: &Path) -> Value {
+    pub(crate) fn status_at(storage: &Path) -> Value {
         let o = Command::new(boundkeyd())
             .args(["status", "--format", "json", "--storage"])
             .arg(storage)
@@ -368,12 +373,12 @@ impl Device {
         serde_json::from_slice(&o.stdout).expect("status JSON")
     }
 
-    pub fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         Self::status_at(&self.storage)
     }
 
     /// `keypair create --format json ARGS` → the public key.
-    pub fn keypair_create(&self, args: &[&str]) -> String {
+    pub(crate) fn keypair_create(&self, args: &[&str]) -> String {
         let o = Command::new(boundkeyd())
             .args(["keypair", "create", "--format", "json", "--storage"])
             .arg(&self.storage)
@@ -390,7 +395,7 @@ impl Device {
     /// `openssl verify -CAfile out/ca.pem out/cert.pem` through the resolved `current` set, and
     /// the key file's mode.
     #[track_caller]
-    pub fn verify_outputs(&self) {
+    pub(crate) fn verify_outputs(&self) {
         let cur = self.destination.join("current");
         let o = Command::new("openssl")
             .arg("verify")
@@ -432,7 +437,7 @@ impl Device {
     }
 
     /// Keys in the file-backed key store (None for the TPM backend).
-    pub fn key_files(&self) -> Option<usize> {
+    pub(crate) fn key_files(&self) -> Option<usize> {
         match self.keystore {
             Keystore::File => Some(
                 std::fs::read_dir(self.storage.join("keys"))
@@ -449,20 +454,21 @@ impl Device {
 }
 
 /// The signal that ended a process, if any.
-pub fn signal_of(o: &Output) -> Option<i32> {
+pub(crate) fn signal_of(o: &Output) -> Option<i32> {
     o.status.signal()
 }
 
 /// Sends a signal to a guarded child.
-pub fn send_signal(child: &ChildGuard, sig: i32) {
-    let pid = child.id().expect("child running") as i32;
-    // SAFETY: kill(2) on a pid we spawned and still own (not yet reaped).
-    let r = unsafe { libc::kill(pid, sig) };
-    assert_eq!(r, 0, "kill({pid}, {sig})");
+pub(crate) fn send_signal(child: &ChildGuard, sig: i32) {
+    let raw = child.id().expect("child running") as i32;
+    let pid = rustix::process::Pid::from_raw(raw).expect("a child's pid is positive");
+    let signal = rustix::process::Signal::from_named_raw(sig).expect("a named signal");
+    rustix::process::kill_process(pid, signal)
+        .unwrap_or_else(|e| panic!("kill({raw}, {sig}): {e}"));
 }
 
 /// Waits for a guarded child to exit.
-pub fn wait_exit(child: &mut ChildGuard, timeout: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut ChildGuard, timeout: Duration) -> std::process::ExitStatus {
     wait_for("the agent to exit", timeout, || {
         child.try_wait().ok().flatten()
     })
