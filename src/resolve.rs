@@ -494,7 +494,7 @@ mod tests {
         // A possibly lost result: renew again only with the recorded identity key.
         st.in_flight = Some(InFlight {
             since: 1,
-            ceremony: "renewal".into(),
+            ceremony: Some(CeremonyKind::Renewal),
             identity_key: None,
         });
         assert_eq!(ceremony_kind(bk, &st, 100), CeremonyKind::Recovery);

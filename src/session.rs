@@ -203,7 +203,7 @@ impl Agent {
         let mut next = self.device.state.clone();
         next.in_flight = uncertain.then(|| InFlight {
             since: unix_now(),
-            ceremony: kind.as_str().into(),
+            ceremony: Some(kind),
             identity_key: Some(Secret(identity_key_pem.to_string())),
         });
         if let Err(e) = self.device.save(next) {
@@ -377,7 +377,7 @@ impl Effects for AgentEffects<'_> {
         let mut next = self.state.clone();
         next.in_flight = Some(InFlight {
             since: self.now,
-            ceremony: self.kind.as_str().into(),
+            ceremony: Some(self.kind),
             identity_key: Some(Secret(self.identity_key_pem.to_string())),
         });
         self.save(next)

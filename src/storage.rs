@@ -19,7 +19,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use boundkey_hal::Backend;
-use boundkey_proto::JoinMethod;
+use boundkey_proto::{CeremonyKind, JoinMethod};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
@@ -119,11 +119,21 @@ pub(crate) struct Identity {
 pub(crate) struct InFlight {
     /// Unix seconds.
     pub since: i64,
-    /// `first_join`, `renewal` or `recovery`.
-    pub ceremony: String,
+    /// The interrupted ceremony (`None` in marks written before it was recorded).
+    #[serde(default, deserialize_with = "kind_or_unknown")]
+    pub ceremony: Option<CeremonyKind>,
     /// PKCS#8 PEM of the interrupted ceremony's identity key.
     #[serde(default)]
     pub identity_key: Option<Secret>,
+}
+
+/// Older agents wrote `"unknown"` when they did not know the ceremony: read that as `None`
+/// instead of refusing the whole file.
+fn kind_or_unknown<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<CeremonyKind>, D::Error> {
+    let v = Option::<String>::deserialize(d)?;
+    Ok(v.and_then(|s| serde_json::from_value(serde_json::Value::String(s)).ok()))
 }
 
 /// `state.json`.
@@ -388,5 +398,20 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o700
         );
+    }
+
+    #[test]
+    fn an_in_flight_mark_of_an_older_agent_still_loads() {
+        let path = Path::new("/s/state.json");
+        let old =
+            br#"{"version":1,"keystore":"file","in_flight":{"since":5,"ceremony":"unknown"}}"#;
+        let st = parse_state(path, old).unwrap();
+        let f = st.in_flight.unwrap();
+        assert_eq!((f.since, f.ceremony), (5, None));
+        let new =
+            br#"{"version":1,"keystore":"tpm","in_flight":{"since":5,"ceremony":"recovery"}}"#;
+        let st = parse_state(path, new).unwrap();
+        assert_eq!(st.in_flight.unwrap().ceremony, Some(CeremonyKind::Recovery));
+        assert_eq!(st.keystore, Backend::Tpm);
     }
 }

@@ -33,6 +33,10 @@ pub enum UriError {
     CaPin(String),
 }
 
+/// Characters of a `token`-method token that may be shown (enough to tell tokens apart, far too
+/// few to guess the rest: tokens carry 128 random bits).
+pub const TOKEN_PREFIX_SHOWN: usize = 8;
+
 /// How a device joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -42,6 +46,19 @@ pub enum JoinMethod {
 }
 
 impl JoinMethod {
+    /// How a join token of this method may be shown in logs, audit events and tables. A
+    /// bound-keypair token name is not a secret and is shown whole; a `token`-method token *is*
+    /// the secret, so only a short prefix identifies it.
+    pub fn displayed_token(self, token: &str) -> String {
+        match self {
+            JoinMethod::BoundKeypair => token.to_string(),
+            JoinMethod::Token => {
+                let head: String = token.chars().take(TOKEN_PREFIX_SHOWN).collect();
+                format!("{head}…")
+            }
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             JoinMethod::BoundKeypair => "bound_keypair",
@@ -137,18 +154,11 @@ pub struct JoinUri {
 }
 
 impl fmt::Debug for JoinUri {
-    // The token (token method) and the secret are credentials: never in logs.
+    // The token (token method) and the secret are credentials: never whole in logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JoinUri")
             .field("method", &self.method)
-            .field(
-                "token",
-                &if self.method == JoinMethod::Token {
-                    "<redacted>"
-                } else {
-                    &self.token
-                },
-            )
+            .field("token", &self.method.displayed_token(&self.token))
             .field(
                 "registration_secret",
                 &self.registration_secret.as_ref().map(|_| "<redacted>"),
@@ -339,5 +349,16 @@ mod tests {
         assert!(!format!("{u:?}").contains("topsecret"));
         let u: JoinUri = "boundkey+token://tokensecret@h:1".parse().unwrap();
         assert!(!format!("{u:?}").contains("tokensecret"));
+    }
+
+    #[test]
+    fn only_token_method_tokens_are_shortened_for_display() {
+        assert_eq!(
+            JoinMethod::BoundKeypair.displayed_token("sensor-0042"),
+            "sensor-0042"
+        );
+        let shown = JoinMethod::Token.displayed_token("0123456789abcdef");
+        assert_eq!(shown, "01234567…");
+        assert_eq!(JoinMethod::Token.displayed_token("ab"), "ab…");
     }
 }

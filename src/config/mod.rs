@@ -60,10 +60,9 @@ pub(crate) struct JoinSettings {
 
 impl fmt::Debug for JoinSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let token = match self.method {
-            Some(JoinMethod::Token) => self.token.as_ref().map(|_| "<redacted>".to_string()),
-            _ => self.token.clone(),
-        };
+        // Without a method the token's nature is unknown: treat it as a secret.
+        let method = self.method.unwrap_or(JoinMethod::Token);
+        let token = self.token.as_deref().map(|t| method.displayed_token(t));
         f.debug_struct("JoinSettings")
             .field("method", &self.method)
             .field("token", &token)
