@@ -58,6 +58,7 @@ impl Outputs {
     /// Writes a complete new set and switches `current` to it.
     pub(crate) fn write(&self, id: &Identity) -> Result<(), FsError> {
         boundkey_fs::ensure_dir(&self.dir, 0o700)?;
+        check_destination(&self.dir)?;
         let name = format!(
             "{GEN_PREFIX}{}-{}",
             id.generation,
@@ -113,9 +114,15 @@ impl Outputs {
                 }
                 self.replace_symlink(f, &want)
             }
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "not a symlink; leaving it alone (read the identity from current/)");
+            Ok(m) if m.is_dir() => {
+                tracing::warn!(path = %path.display(), "a directory stands where the identity link belongs; leaving it alone (read the identity from current/)");
                 Ok(())
+            }
+            Ok(_) => {
+                // Whatever stands here is not this agent's: a reader of DEST/key.pem must never
+                // get a key someone else put there.
+                tracing::warn!(path = %path.display(), "replacing a file that is not this agent's link");
+                self.replace_symlink(f, &want)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => self.replace_symlink(f, &want),
             Err(e) => Err(fs_err(&path)(e)),
@@ -142,6 +149,26 @@ impl Outputs {
             }
         }
     }
+}
+
+/// Refuses a destination other users may write to: they could replace the identity links, or
+/// plant files that readers take for the identity.
+fn check_destination(dir: &Path) -> Result<(), FsError> {
+    boundkey_fs::check_owned(dir)?;
+    let mode = fs::metadata(dir).map_err(fs_err(dir))?.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(FsError::new(
+            dir,
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "is writable by other users (mode {:o}); make it writable by this agent only (chmod go-w)",
+                    mode & 0o7777
+                ),
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -210,12 +237,30 @@ mod tests {
     }
 
     #[test]
-    fn a_foreign_file_in_place_of_a_link_is_left_alone() {
+    fn a_planted_file_in_place_of_a_link_is_replaced() {
         let t = tempfile::tempdir().unwrap();
-        fs::write(t.path().join(CERT), b"mine").unwrap();
+        fs::write(t.path().join(KEY), b"planted").unwrap();
         let o = Outputs::new(t.path());
         o.write(&id(1)).unwrap();
-        assert_eq!(fs::read(t.path().join(CERT)).unwrap(), b"mine");
-        assert!(o.is_current(&id(1)));
+        assert_eq!(fs::read_to_string(t.path().join(KEY)).unwrap(), "KEY 1");
+        assert!(fs::symlink_metadata(t.path().join(KEY))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn a_destination_others_can_write_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("out");
+        fs::create_dir(&dest).unwrap();
+        for mode in [0o777, 0o1777, 0o775] {
+            fs::set_permissions(&dest, fs::Permissions::from_mode(mode)).unwrap();
+            let e = Outputs::new(&dest).write(&id(1)).unwrap_err().to_string();
+            assert!(e.contains("writable by other users"), "{e}");
+            assert_eq!(fs::read_dir(&dest).unwrap().count(), 0);
+        }
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).unwrap();
+        Outputs::new(&dest).write(&id(1)).unwrap();
     }
 }

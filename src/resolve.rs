@@ -212,7 +212,7 @@ fn trust(
 
 /// Whether `id` can still be presented over mTLS at `now`.
 pub(crate) fn usable(id: &Identity, now: i64) -> bool {
-    id.expires - EXPIRY_MARGIN_SECS > now
+    id.expires.saturating_sub(EXPIRY_MARGIN_SECS) > now
 }
 
 /// Which ceremony to run now:

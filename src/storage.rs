@@ -183,6 +183,13 @@ impl Storage {
     /// Opens (creating with mode 0700) and exclusively locks `dir`.
     pub(crate) fn open_locked(dir: &Path) -> Result<Storage, StorageError> {
         boundkey_fs::ensure_dir(dir, 0o700)?;
+        // The directory and what the agent keeps in it must be its own: a file or link planted
+        // by another user (before the mode was tightened, or through a wrong owner) is refused
+        // rather than read, followed or overwritten.
+        boundkey_fs::check_owned(dir)?;
+        for name in [LOCK_FILE, STATE_FILE, KEYS_DIR] {
+            boundkey_fs::check_owned(&dir.join(name))?;
+        }
         if boundkey_fs::tighten_dir(dir)? {
             tracing::warn!(dir = %dir.display(), "storage directory was accessible to other users; removed their access");
         }
@@ -413,5 +420,33 @@ mod tests {
         let st = parse_state(path, new).unwrap();
         assert_eq!(st.in_flight.unwrap().ceremony, Some(CeremonyKind::Recovery));
         assert_eq!(st.keystore, Backend::Tpm);
+    }
+
+    #[test]
+    fn planted_links_and_foreign_files_are_refused_and_left_alone() {
+        for planted in [LOCK_FILE, STATE_FILE, KEYS_DIR] {
+            let d = tempfile::tempdir().unwrap();
+            let victim = d.path().join("victim");
+            fs::write(&victim, b"precious").unwrap();
+            let dir = d.path().join("storage");
+            fs::create_dir(&dir).unwrap();
+            std::os::unix::fs::symlink(&victim, dir.join(planted)).unwrap();
+            let e = Storage::open_locked(&dir).unwrap_err().to_string();
+            assert!(e.contains("symbolic link"), "{planted}: {e}");
+            assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        }
+        // A directory (or a state file) that belongs to another user is not this agent's.
+        if rustix::process::geteuid().is_root() {
+            let d = tempfile::tempdir().unwrap();
+            let nobody = Some(rustix::process::Uid::from_raw(65534));
+            rustix::fs::chown(d.path(), nobody, None).unwrap();
+            let e = Storage::open_locked(d.path()).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+            let d = tempfile::tempdir().unwrap();
+            fs::write(d.path().join(STATE_FILE), b"{}").unwrap();
+            rustix::fs::chown(d.path().join(STATE_FILE), nobody, None).unwrap();
+            let e = Storage::open_locked(d.path()).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
     }
 }

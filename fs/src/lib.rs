@@ -98,6 +98,40 @@ pub fn tighten_dir(dir: &Path) -> Result<bool, FsError> {
     Ok(true)
 }
 
+/// Checks that `path` is owned by this process's effective user and is not a symbolic link, so
+/// a file another user planted (or a link to somewhere else) is never trusted. `Ok(false)` when
+/// it does not exist.
+pub fn check_owned(path: &Path) -> Result<bool, FsError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(FsError::new(path, e)),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(FsError::new(
+            path,
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is a symbolic link; refusing to follow it",
+            ),
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+    if owner != me {
+        return Err(FsError::new(
+            path,
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "is owned by uid {owner}, not by this process's uid {me}; refusing to trust it"
+                ),
+            ),
+        ));
+    }
+    Ok(true)
+}
+
 /// fsyncs a directory so that renames, creations and removals inside it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
     let d = if dir.as_os_str().is_empty() {

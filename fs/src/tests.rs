@@ -129,3 +129,24 @@ fn a_planted_symlink_is_not_followed_by_the_lock() {
     assert!(e.to_string().contains("symbolic link"), "{e}");
     assert_eq!(fs::read(&victim).unwrap(), b"precious");
 }
+
+#[test]
+fn ownership_checks_refuse_links_and_other_users_files() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("f");
+    assert!(!check_owned(&f).unwrap());
+    fs::write(&f, b"x").unwrap();
+    assert!(check_owned(&f).unwrap());
+    let l = d.path().join("l");
+    std::os::unix::fs::symlink(&f, &l).unwrap();
+    assert!(check_owned(&l)
+        .unwrap_err()
+        .to_string()
+        .contains("symbolic link"));
+    // Only root can give a file away; the rule is the same for everyone.
+    if rustix::process::geteuid().is_root() {
+        rustix::fs::chown(&f, Some(rustix::process::Uid::from_raw(65534)), None).unwrap();
+        let e = check_owned(&f).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+    }
+}

@@ -27,6 +27,8 @@ pub enum UriError {
     Address(#[from] EndpointError),
     #[error("join URI contains invalid percent-encoding")]
     Encoding,
+    #[error("join URI parameter {0} is given more than once")]
+    RepeatedParam(&'static str),
     #[error("unknown join URI parameter {0:?} (only ca_pin is defined)")]
     UnknownParam(String),
     #[error("invalid ca_pin {0:?}: expected sha256: followed by 64 hex digits")]
@@ -115,7 +117,8 @@ impl FromStr for CaPin {
     fn from_str(s: &str) -> Result<Self, UriError> {
         let err = || UriError::CaPin(s.to_string());
         let hex = s.strip_prefix("sha256:").ok_or_else(err)?;
-        if hex.len() != 64 {
+        // from_str_radix would accept a sign ("+f"): only hex digits are a pin.
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(err());
         }
         let mut out = [0u8; 32];
@@ -192,7 +195,16 @@ const USERINFO: &AsciiSet = &CONTROLS
     .add(b'|')
     .add(b'}');
 
+/// Percent-decodes `s`. A `%` not followed by two hex digits is an error: the lenient decoder
+/// would keep it literally, so `%zz` and `%2` would reach the auth service as typed.
 fn decode(s: &str) -> Result<String, UriError> {
+    let b = s.as_bytes();
+    for (i, _) in s.match_indices('%') {
+        let ok = b.len() > i + 2 && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit();
+        if !ok {
+            return Err(UriError::Encoding);
+        }
+    }
     percent_decode_str(s)
         .decode_utf8()
         .map(|c| c.into_owned())
@@ -238,6 +250,9 @@ impl FromStr for JoinUri {
             .filter(|p| !p.is_empty())
         {
             match pair.split_once('=') {
+                Some(("ca_pin", _)) if ca_pin.is_some() => {
+                    return Err(UriError::RepeatedParam("ca_pin"))
+                }
                 Some(("ca_pin", v)) => ca_pin = Some(decode(v)?.parse()?),
                 _ => return Err(UriError::UnknownParam(pair.to_string())),
             }
@@ -335,6 +350,21 @@ mod tests {
                 UriError::CaPin("sha256:12".into()),
             ),
             ("boundkey+bound-keypair://t%ff@h:1", UriError::Encoding),
+            ("boundkey+bound-keypair://t%zz@h:1", UriError::Encoding),
+            ("boundkey+bound-keypair://t:s%2@h:1", UriError::Encoding),
+            ("boundkey+bound-keypair://t:s%@h:1", UriError::Encoding),
+            (
+                "boundkey+bound-keypair://t@h:+1",
+                UriError::Address(EndpointError::Port("h:+1".into())),
+            ),
+            (
+                "boundkey+bound-keypair://t@h:1?ca_pin=sha256:+0112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+                UriError::CaPin("sha256:+0112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into()),
+            ),
+            (
+                "boundkey+bound-keypair://t@h:1?ca_pin=sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff&ca_pin=sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+                UriError::RepeatedParam("ca_pin"),
+            ),
         ];
         for (s, e) in cases {
             assert_eq!(s.parse::<JoinUri>().as_ref().err(), Some(e), "{s}");
