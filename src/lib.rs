@@ -16,6 +16,9 @@ mod crash;
 mod daemon;
 mod device;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod heartbeat;
 mod join;
 mod keyset;

@@ -221,15 +221,21 @@ impl Storage {
 
     /// Atomically replaces `state.json`.
     pub(crate) fn save(&self, state: &State) -> Result<(), StorageError> {
-        let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| FsError {
+        let mut bytes = to_bytes(state).map_err(|e| FsError {
             path: self.state_path(),
             source: io::Error::other(e),
         })?;
-        bytes.push(b'\n');
         let r = boundkey_fs::write_atomic(&self.state_path(), &bytes, 0o600);
         bytes.zeroize();
         r.map_err(StorageError::from)
     }
+}
+
+/// The bytes of `state.json` for `state` (pretty JSON, one trailing newline).
+pub(crate) fn to_bytes(state: &State) -> Result<Vec<u8>, serde_json::Error> {
+    let mut bytes = serde_json::to_vec_pretty(state)?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// Reads `DIR/state.json` without taking the lock (for `status`; writes are atomic, so a reader
@@ -244,7 +250,7 @@ pub(crate) fn read_state(dir: &Path) -> Result<Option<State>, StorageError> {
     r.map(Some)
 }
 
-fn parse_state(path: &Path, bytes: &[u8]) -> Result<State, StorageError> {
+pub(crate) fn parse_state(path: &Path, bytes: &[u8]) -> Result<State, StorageError> {
     let corrupt = |detail: String| StorageError::Corrupt {
         path: path.to_path_buf(),
         detail,
