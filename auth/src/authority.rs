@@ -367,6 +367,7 @@ impl Authority {
 
     /// Issues a bot identity certificate: SPIFFE-style URI SAN, client and server auth, and the
     /// boundkey extension naming bot, instance, generation and join token.
+    /// The serial number is derived from the public key; see [`Self::issue_identity_with_serial`].
     pub fn issue_identity(
         &self,
         claims: &IdentityClaims,
@@ -374,8 +375,33 @@ impl Authority {
         ttl_secs: u64,
         now: UnixTime,
     ) -> Result<IssuedIdentity, AuthorityError> {
+        self.issue_identity_inner(claims, public_key, ttl_secs, None, now)
+    }
+
+    /// Like [`Self::issue_identity`] with a caller-chosen serial number, so that two
+    /// certificates for one identity key (a redelivered result) never share a serial.
+    pub fn issue_identity_with_serial(
+        &self,
+        claims: &IdentityClaims,
+        public_key: &p256::PublicKey,
+        ttl_secs: u64,
+        serial: [u8; 16],
+        now: UnixTime,
+    ) -> Result<IssuedIdentity, AuthorityError> {
+        self.issue_identity_inner(claims, public_key, ttl_secs, Some(serial), now)
+    }
+
+    fn issue_identity_inner(
+        &self,
+        claims: &IdentityClaims,
+        public_key: &p256::PublicKey,
+        ttl_secs: u64,
+        serial: Option<[u8; 16]>,
+        now: UnixTime,
+    ) -> Result<IssuedIdentity, AuthorityError> {
         let ca = self.active_identity()?;
         let mut params = CertificateParams::default();
+        params.serial_number = serial.map(|s| rcgen::SerialNumber::from_slice(&s));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, self.cluster.as_str());
         dn.push(DnType::CommonName, claims.bot_name.as_str());
