@@ -23,6 +23,8 @@ pub mod fsutil;
 pub mod join;
 pub mod keyset;
 pub mod outputs;
+#[cfg(test)]
+mod pair_test;
 pub mod storage;
 pub mod transport;
 
