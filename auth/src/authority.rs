@@ -47,7 +47,7 @@ pub enum AuthorityError {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("certificate does not chain to a trusted identity CA: {0}")]
-    Untrusted(String),
+    Untrusted(webpki::Error),
     #[error("certificate is malformed: {0}")]
     Malformed(String),
     #[error("certificate lacks the boundkey identity extension")]
@@ -76,15 +76,18 @@ pub enum CaKind {
     JoinState,
 }
 
+/// A CA type name that is neither `identity` nor `join-state`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown CA type {0:?} (expected identity or join-state)")]
+pub struct UnknownCaKind(pub String);
+
 impl core::str::FromStr for CaKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCaKind;
+    fn from_str(s: &str) -> Result<Self, UnknownCaKind> {
         match s {
             "identity" => Ok(CaKind::Identity),
             "join-state" | "join_state" => Ok(CaKind::JoinState),
-            o => Err(format!(
-                "unknown CA type {o:?} (expected identity or join-state)"
-            )),
+            o => Err(UnknownCaKind(o.to_string())),
         }
     }
 }
@@ -480,7 +483,7 @@ impl Authority {
             None,
             None,
         )
-        .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
+        .map_err(IdentityError::Untrusted)?;
 
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(leaf.as_ref())

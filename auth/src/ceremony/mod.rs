@@ -35,6 +35,9 @@ mod proof;
 mod start;
 mod states;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use boundkey_proto::{ClientMessage, Init, UnixTime};
