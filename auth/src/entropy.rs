@@ -1,7 +1,8 @@
 //! Where the auth service's randomness comes from.
 //!
 //! Every random value a ceremony puts on the wire or into the store (challenge nonces, instance
-//! ids, certificate serials) is drawn from one [`Entropy`] held by the [`crate::service::Service`].
+//! ids, certificate serials) is drawn from one [`Entropy`] held by the
+//! [`crate::service::Service`].
 //! In production it is the operating system's generator; a test passes a seeded generator and
 //! gets the same transcript on every run.
 

@@ -3,8 +3,8 @@
 //! instance's certificate and are guarded by the generation counter, whose mismatch locks the
 //! instance (two copies of one identity exist).
 //!
-//! [`decide`] reads top to bottom: [`authenticate`], [`check_locks`], [`next_generation`], then
-//! the identity-issuing path shared with the bound-keypair ceremony ([`crate::issue`]).
+//! [`decide`] reads top to bottom: `authenticate`, `check_locks`, `next_generation`, then the
+//! identity-issuing path shared with the bound-keypair ceremony ([`crate::issue`]).
 
 use boundkey_proto::{keys, ErrorCode, JoinMethod, ServerMessage, TokenJoin, UnixTime};
 
@@ -13,7 +13,7 @@ use crate::entropy::Entropy;
 use crate::input::{Peer, Snapshot};
 use crate::issue::Issue;
 use crate::model::{event, mask_token, AuditEvent, BotInstance, Lock, LockTarget, Token};
-use crate::outcome::{messages, Refusal, Step, Success};
+use crate::outcome::{messages, Refusal, Step};
 use crate::store::{InstanceWrite, TokenWrite};
 use crate::ServiceConfig;
 
@@ -82,62 +82,52 @@ pub fn decide(
     msg: TokenJoin,
     now: UnixTime,
 ) -> Step {
+    // Collects what is known about the caller as it is learnt, for the refusal record.
     let mut ev = AuditEvent::new(event::BOT_JOIN, now, false).field("join_method", "token");
     ev.remote_addr = Some(peer.remote_addr.clone());
-    match run(cfg, authority, entropy, peer, snapshot, msg, &mut ev, now) {
+    let decided = parse_identity_key(&msg).and_then(|identity_key| {
+        let admission = authenticate(peer, msg.token.is_some(), snapshot.token, &mut ev, now)?;
+        check_locks(&admission, &snapshot.locks, now)?;
+        let subject = next_generation(admission, snapshot.instance, entropy, now)?;
+        let inst = match &subject.instance {
+            InstanceWrite::Create(i) | InstanceWrite::Update { instance: i, .. } => i,
+        };
+        let mut done = ev.clone();
+        done.success = true;
+        done.instance_id = Some(inst.spec.instance_id.clone());
+        let done = done.field("generation", inst.status.generation);
+        Issue {
+            authority,
+            entropy,
+            identity_key: &identity_key,
+            ttl_secs: cfg.clamp_ttl(msg.params.ttl_secs),
+            remote_addr: &peer.remote_addr,
+            bot_name: inst.spec.bot_name.clone(),
+            join_method: JoinMethod::Token,
+            join_token: inst.spec.join_token.clone(),
+            recorded_join_token: mask_token(&inst.spec.join_token),
+            instance: subject.instance,
+            binding: None,
+            token: subject.token,
+            audit: vec![done],
+        }
+        .issue(now)
+        .map_err(|e| Denial::new(ErrorCode::Internal, messages::INTERNAL, e.to_string()))
+    });
+    match decided {
         Ok(success) => Step::Commit(success),
         Err(d) => refuse(ev, d),
     }
 }
 
-/// `ev` collects what is known about the caller as it is learnt, for the refusal record.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    cfg: &ServiceConfig,
-    authority: &Authority,
-    entropy: &Entropy,
-    peer: &Peer,
-    snapshot: Snapshot,
-    msg: TokenJoin,
-    ev: &mut AuditEvent,
-    now: UnixTime,
-) -> Result<Box<Success>, Denial> {
-    let Ok(identity_key) = keys::parse_pkix_b64(&msg.params.identity_public_key) else {
-        return Err(Denial::new(
+fn parse_identity_key(msg: &TokenJoin) -> Result<p256::PublicKey, Denial> {
+    keys::parse_pkix_b64(&msg.params.identity_public_key).map_err(|_| {
+        Denial::new(
             ErrorCode::BadRequest,
             "identity_public_key must be base64 PKIX DER of a P-256 key",
             "bad identity key",
-        ));
-    };
-    let admission = authenticate(peer, msg.token.is_some(), snapshot.token, ev, now)?;
-    check_locks(&admission, &snapshot.locks, now)?;
-    let subject = next_generation(admission, snapshot.instance, entropy, now)?;
-
-    let inst = match &subject.instance {
-        InstanceWrite::Create(i) | InstanceWrite::Update { instance: i, .. } => i,
-    };
-    let mut done = ev.clone();
-    done.success = true;
-    done.instance_id = Some(inst.spec.instance_id.clone());
-    let done = done.field("generation", inst.status.generation);
-    let issue = Issue {
-        authority,
-        entropy,
-        identity_key: &identity_key,
-        ttl_secs: cfg.clamp_ttl(msg.params.ttl_secs),
-        remote_addr: &peer.remote_addr,
-        bot_name: inst.spec.bot_name.clone(),
-        join_method: JoinMethod::Token,
-        join_token: inst.spec.join_token.clone(),
-        recorded_join_token: mask_token(&inst.spec.join_token),
-        instance: subject.instance,
-        binding: None,
-        token: subject.token,
-        audit: vec![done],
-    };
-    issue
-        .issue(now)
-        .map_err(|e| Denial::new(ErrorCode::Internal, messages::INTERNAL, e.to_string()))
+        )
+    })
 }
 
 /// Step 1: the certificate (renewal) or the token (new instance) must name a usable

@@ -2,10 +2,10 @@
 //!
 //! [`Ceremony::start`] takes the client's `Init`, the verified client identity (if the client
 //! presented a certificate) and a snapshot of the stored state; [`Ceremony::handle`] takes each
-//! further client message. Both return a [`Step`]: a message to send, a [`crate::outcome::Success`]
-//! to commit, or a [`crate::outcome::Refusal`]. Nothing here touches a socket, a clock or a
-//! database; the caller passes `now` at every step, which is also what makes challenge expiry
-//! testable.
+//! further client message. Both return a [`Step`]: a message to send, a
+//! [`crate::outcome::Success`] to commit, or a [`crate::outcome::Refusal`]. Nothing here touches
+//! a socket, a clock or a database; the caller passes `now` at every step, which is also what
+//! makes challenge expiry testable.
 //!
 //! Order of decisions (each closes an attack, see `docs/protocol.md`):
 //! 1. prove possession: the registration secret and/or a challenge signed by the bound key;
@@ -17,15 +17,15 @@
 //! 6. rotation, if due;
 //! 7. one commit carrying every status change, compare-and-swap on the token revision read at 1.
 //!
-//! Steps 2–5 live in [`checks`], in that order, and run exactly once: on the first proof of
+//! Steps 2–5 live in `checks`, in that order, and run exactly once: on the first proof of
 //! possession. The shape of the code follows the order:
-//! * [`start`]: `Init` is validated into a [`Context`] (what is fixed for the whole ceremony:
+//! * `start`: `Init` is validated into a `Context` (what is fixed for the whole ceremony:
 //!   config, authority, peer, token, spec, kind) and the first state;
-//! * [`states`]: one type per thing the ceremony can wait for ([`states::ExpectRotationResponse`],
-//!   [`states::ExpectSolution`]); each holds only what has been established so far, as typed
-//!   facts ([`checks::Proven`], then [`checks::Checked`]), so "checked but not proven" or
+//! * `states`: one type per thing the ceremony can wait for (`states::ExpectRotationResponse`,
+//!   `states::ExpectSolution`); each holds only what has been established so far, as typed
+//!   facts (`checks::Proven`, then `checks::Checked`), so "checked but not proven" or
 //!   "rotating before the checks" cannot be represented;
-//! * [`finish`]: what the commit carries, handed to the identity-issuing path in
+//! * `finish`: what the commit carries, handed to the identity-issuing path in
 //!   [`crate::issue`] shared with the `token` method.
 
 mod checks;
@@ -56,7 +56,7 @@ use self::context::Context;
 use self::states::State;
 
 /// One ceremony in progress. Invariant: the state only moves forward, and every path out of it
-/// ends in exactly one `Commit` or `Refuse` step, after which it is [`State::Done`].
+/// ends in exactly one `Commit` or `Refuse` step, after which it is `State::Done`.
 #[derive(Debug)]
 pub struct Ceremony {
     ctx: Context,

@@ -1,5 +1,6 @@
 //! The ceremony's states, one type per thing it waits for. Each transition consumes its state
-//! and returns the next one with the step to take; a refusal always leads to [`State::Done`].
+//! and returns the next one with the step to take; a refusal always leads to
+//! [`State::Done`].
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
