@@ -20,7 +20,7 @@ pub enum AdminError {
     #[error("invalid name {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
     InvalidName(String),
     #[error("invalid initial public key: {0}")]
-    InvalidPublicKey(String),
+    InvalidPublicKey(boundkey_proto::keys::KeyError),
     #[error("registration secret must be at least 8 characters")]
     WeakSecret,
     #[error("--initial-public-key and --registration-secret are mutually exclusive")]
@@ -97,8 +97,8 @@ pub fn new_bound_keypair_token(
     }
     let initial_public_key = match req.initial_public_key {
         Some(k) => {
-            let pk = boundkey_proto::parse_ssh_public_key(&k)
-                .map_err(|e| AdminError::InvalidPublicKey(e.to_string()))?;
+            let pk =
+                boundkey_proto::parse_ssh_public_key(&k).map_err(AdminError::InvalidPublicKey)?;
             Some(boundkey_proto::ssh_public_key(&pk))
         }
         None => None,

@@ -47,7 +47,7 @@ pub enum AuthorityError {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("certificate does not chain to a trusted identity CA: {0}")]
-    Untrusted(String),
+    Untrusted(webpki::Error),
     #[error("certificate is malformed: {0}")]
     Malformed(String),
     #[error("certificate lacks the boundkey identity extension")]
@@ -76,15 +76,18 @@ pub enum CaKind {
     JoinState,
 }
 
+/// A CA type name that is neither `identity` nor `join-state`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown CA type {0:?} (expected identity or join-state)")]
+pub struct UnknownCaKind(pub String);
+
 impl core::str::FromStr for CaKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCaKind;
+    fn from_str(s: &str) -> Result<Self, UnknownCaKind> {
         match s {
             "identity" => Ok(CaKind::Identity),
             "join-state" | "join_state" => Ok(CaKind::JoinState),
-            o => Err(format!(
-                "unknown CA type {o:?} (expected identity or join-state)"
-            )),
+            o => Err(UnknownCaKind(o.to_string())),
         }
     }
 }
@@ -367,6 +370,7 @@ impl Authority {
 
     /// Issues a bot identity certificate: SPIFFE-style URI SAN, client and server auth, and the
     /// boundkey extension naming bot, instance, generation and join token.
+    /// The serial number is derived from the public key; see [`Self::issue_identity_with_serial`].
     pub fn issue_identity(
         &self,
         claims: &IdentityClaims,
@@ -374,8 +378,33 @@ impl Authority {
         ttl_secs: u64,
         now: UnixTime,
     ) -> Result<IssuedIdentity, AuthorityError> {
+        self.issue_identity_inner(claims, public_key, ttl_secs, None, now)
+    }
+
+    /// Like [`Self::issue_identity`] with a caller-chosen serial number, so that two
+    /// certificates for one identity key (a redelivered result) never share a serial.
+    pub fn issue_identity_with_serial(
+        &self,
+        claims: &IdentityClaims,
+        public_key: &p256::PublicKey,
+        ttl_secs: u64,
+        serial: [u8; 16],
+        now: UnixTime,
+    ) -> Result<IssuedIdentity, AuthorityError> {
+        self.issue_identity_inner(claims, public_key, ttl_secs, Some(serial), now)
+    }
+
+    fn issue_identity_inner(
+        &self,
+        claims: &IdentityClaims,
+        public_key: &p256::PublicKey,
+        ttl_secs: u64,
+        serial: Option<[u8; 16]>,
+        now: UnixTime,
+    ) -> Result<IssuedIdentity, AuthorityError> {
         let ca = self.active_identity()?;
         let mut params = CertificateParams::default();
+        params.serial_number = serial.map(|s| rcgen::SerialNumber::from_slice(&s));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, self.cluster.as_str());
         dn.push(DnType::CommonName, claims.bot_name.as_str());
@@ -454,7 +483,7 @@ impl Authority {
             None,
             None,
         )
-        .map_err(|e| IdentityError::Untrusted(e.to_string()))?;
+        .map_err(IdentityError::Untrusted)?;
 
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(leaf.as_ref())

@@ -4,7 +4,7 @@
 
 use boundkey_proto::{ErrorCode, Heartbeat, ServerMessage, UnixTime};
 
-use crate::ceremony::{Peer, Snapshot};
+use crate::input::{Peer, Snapshot};
 use crate::model::{event, AuditEvent, BotInstance, HeartbeatRecord, LockTarget};
 use crate::outcome::{messages, Refusal};
 

@@ -3,6 +3,8 @@
 //! * [`ceremony`]: the bound-keypair join ceremony as a sans-I/O state machine (feed it client
 //!   messages, it says what to send and, at the end, what to commit).
 //! * [`token_join`]: the simpler `token` join method.
+//! * [`issue`]: the one identity-issuing path both join methods end in.
+//! * [`entropy`]: the service's source of randomness (seedable for tests).
 //! * [`service`]: a thin, transport-agnostic driver that loads what a ceremony needs from a
 //!   [`store::Store`], runs it and commits the outcome. Auth services (the reference
 //!   `boundkey-server`, or a third party's) put their network loop around it.
@@ -17,7 +19,12 @@ pub mod store;
 pub use boundkey_proto::UnixTime;
 
 pub mod ceremony;
+pub mod entropy;
+pub mod input;
+pub mod issue;
 pub mod outcome;
+
+pub use entropy::Entropy;
 
 /// Certificate lifetime bounds the service enforces on every join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

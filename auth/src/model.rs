@@ -164,10 +164,31 @@ impl BotInstance {
         previous_instance_id: Option<String>,
         now: UnixTime,
     ) -> Self {
+        let id = uuid::Uuid::new_v4().to_string();
+        Self::new_with_id(
+            id,
+            bot_name,
+            join_method,
+            join_token,
+            previous_instance_id,
+            now,
+        )
+    }
+
+    /// Like [`BotInstance::new`] with a caller-chosen id (the service draws it from its
+    /// [`crate::entropy::Entropy`]).
+    pub fn new_with_id(
+        instance_id: String,
+        bot_name: &str,
+        join_method: JoinMethod,
+        join_token: &str,
+        previous_instance_id: Option<String>,
+        now: UnixTime,
+    ) -> Self {
         BotInstance {
             spec: InstanceSpec {
                 bot_name: bot_name.to_string(),
-                instance_id: uuid::Uuid::new_v4().to_string(),
+                instance_id,
                 previous_instance_id,
                 join_method,
                 join_token: join_token.to_string(),

@@ -10,7 +10,9 @@ use rustls_pki_types::CertificateDer;
 
 use crate::admin::hash_secret;
 use crate::authority::Authority;
-use crate::ceremony::{Ceremony, Peer, Snapshot};
+use crate::ceremony::Ceremony;
+use crate::entropy::Entropy;
+use crate::input::{Peer, Snapshot};
 use crate::model::{event, AuditEvent};
 use crate::outcome::{messages, Refusal, Step};
 use crate::store::{Store, StoreError};
@@ -37,6 +39,7 @@ struct Inner {
     store: Arc<dyn Store>,
     authority: RwLock<Arc<Authority>>,
     cfg: ServiceConfig,
+    entropy: Entropy,
 }
 
 /// Shared, cheap to clone.
@@ -55,11 +58,23 @@ pub struct Session {
 
 impl Service {
     pub fn new(store: Arc<dyn Store>, authority: Arc<Authority>, cfg: ServiceConfig) -> Self {
+        Self::with_entropy(store, authority, cfg, Entropy::os())
+    }
+
+    /// Like [`Service::new`], drawing nonces, instance ids and serials from `entropy` (a seeded
+    /// generator makes a run reproducible).
+    pub fn with_entropy(
+        store: Arc<dyn Store>,
+        authority: Arc<Authority>,
+        cfg: ServiceConfig,
+        entropy: Entropy,
+    ) -> Self {
         Service {
             inner: Arc::new(Inner {
                 store,
                 authority: RwLock::new(authority),
                 cfg,
+                entropy,
             }),
         }
     }
@@ -167,8 +182,15 @@ impl Service {
                     bound_instance,
                     locks,
                 };
-                let (ceremony, step) =
-                    Ceremony::start(self.inner.cfg, authority, peer, snapshot, init, now);
+                let (ceremony, step) = Ceremony::start(
+                    self.inner.cfg,
+                    authority,
+                    self.inner.entropy.clone(),
+                    peer,
+                    snapshot,
+                    init,
+                    now,
+                );
                 session.ceremony = ceremony;
                 self.apply(step, now)
             }
@@ -185,8 +207,15 @@ impl Service {
                     bound_instance: None,
                     locks,
                 };
-                let step =
-                    token_join::decide(&self.inner.cfg, &authority, &peer, snapshot, tj, now);
+                let step = token_join::decide(
+                    &self.inner.cfg,
+                    &authority,
+                    &self.inner.entropy,
+                    &peer,
+                    snapshot,
+                    tj,
+                    now,
+                );
                 self.apply(step, now)
             }
             ClientMessage::Heartbeat(hb) => {

@@ -2,34 +2,73 @@
 //! `max_joins` joins before it expires; each join creates a bot instance. Renewals use the
 //! instance's certificate and are guarded by the generation counter, whose mismatch locks the
 //! instance (two copies of one identity exist).
+//!
+//! [`decide`] reads top to bottom: `authenticate`, `check_locks`, `next_generation`, then the
+//! identity-issuing path shared with the bound-keypair ceremony ([`crate::issue`]).
 
-use boundkey_proto::{keys, ErrorCode, JoinMethod, JoinResult, ServerMessage, TokenJoin, UnixTime};
+use boundkey_proto::{keys, ErrorCode, JoinMethod, ServerMessage, TokenJoin, UnixTime};
 
-use crate::authority::{Authority, IdentityClaims};
-use crate::ceremony::{public_key_pem, Peer, Snapshot};
-use crate::model::{
-    event, mask_token, AuditEvent, Authentication, BotInstance, Lock, LockTarget,
-    INSTANCE_EXPIRY_GRACE_SECS,
-};
-use crate::outcome::{messages, Refusal, Step, Success};
-use crate::store::{Commit, InstanceWrite, TokenWrite};
+use crate::authority::{Authority, VerifiedIdentity};
+use crate::entropy::Entropy;
+use crate::input::{Peer, Snapshot};
+use crate::issue::Issue;
+use crate::model::{event, mask_token, AuditEvent, BotInstance, Lock, LockTarget, Token};
+use crate::outcome::{messages, Refusal, Step};
+use crate::store::{InstanceWrite, TokenWrite};
 use crate::ServiceConfig;
 
-fn refuse(ev: AuditEvent, lock: Option<Lock>, code: ErrorCode, msg: &str, reason: &str) -> Step {
-    let mut ev = ev;
-    ev.error = Some(reason.to_string());
+/// A refusal before it is turned into audit records: code and generic message for the client,
+/// the detailed reason for the logs, and a lock when the refusal is evidence of a copy.
+struct Denial {
+    code: ErrorCode,
+    message: &'static str,
+    reason: String,
+    lock: Option<Box<Lock>>,
+}
+
+impl Denial {
+    fn new(code: ErrorCode, message: &'static str, reason: impl Into<String>) -> Self {
+        Denial {
+            code,
+            message,
+            reason: reason.into(),
+            lock: None,
+        }
+    }
+
+    fn access(reason: impl Into<String>) -> Self {
+        Denial::new(ErrorCode::AccessDenied, messages::ACCESS_DENIED, reason)
+    }
+}
+
+fn refuse(mut ev: AuditEvent, d: Denial) -> Step {
+    ev.error = Some(d.reason.clone());
     let mut audit = vec![ev];
-    if let Some(l) = &lock {
+    if let Some(l) = &d.lock {
         let mut g = audit[0].clone();
         g.kind = event::GENERATION_MISMATCH.into();
         audit.insert(0, g.field("lock", l.name.clone()));
     }
     Step::Refuse(Box::new(Refusal {
-        lock,
+        lock: d.lock.map(|l| *l),
         audit,
-        reply: ServerMessage::error(code, msg),
-        reason: reason.to_string(),
+        reply: ServerMessage::error(d.code, d.message),
+        reason: d.reason,
     }))
+}
+
+/// Who is joining, once the message and the stored token agree.
+enum Admission<'a> {
+    /// Renewal with the instance's certificate.
+    Renewal(&'a VerifiedIdentity),
+    /// A new instance on a token-method token with joins left.
+    NewInstance(Box<Token>),
+}
+
+/// The instance the certificate will name, and the token write that goes with it.
+struct Subject {
+    instance: InstanceWrite,
+    token: Option<TokenWrite>,
 }
 
 /// Decides a `token_join` message. One round: the result is a commit or a refusal.
@@ -37,241 +76,194 @@ fn refuse(ev: AuditEvent, lock: Option<Lock>, code: ErrorCode, msg: &str, reason
 pub fn decide(
     cfg: &ServiceConfig,
     authority: &Authority,
+    entropy: &Entropy,
     peer: &Peer,
     snapshot: Snapshot,
     msg: TokenJoin,
     now: UnixTime,
 ) -> Step {
+    // Collects what is known about the caller as it is learnt, for the refusal record.
     let mut ev = AuditEvent::new(event::BOT_JOIN, now, false).field("join_method", "token");
     ev.remote_addr = Some(peer.remote_addr.clone());
-    let Ok(identity_key) = keys::parse_pkix_b64(&msg.params.identity_public_key) else {
-        return refuse(
-            ev,
-            None,
+    let decided = parse_identity_key(&msg).and_then(|identity_key| {
+        let admission = authenticate(peer, msg.token.is_some(), snapshot.token, &mut ev, now)?;
+        check_locks(&admission, &snapshot.locks, now)?;
+        let subject = next_generation(admission, snapshot.instance, entropy, now)?;
+        let inst = match &subject.instance {
+            InstanceWrite::Create(i) | InstanceWrite::Update { instance: i, .. } => i,
+        };
+        let mut done = ev.clone();
+        done.success = true;
+        done.instance_id = Some(inst.spec.instance_id.clone());
+        let done = done.field("generation", inst.status.generation);
+        Issue {
+            authority,
+            entropy,
+            identity_key: &identity_key,
+            ttl_secs: cfg.clamp_ttl(msg.params.ttl_secs),
+            remote_addr: &peer.remote_addr,
+            bot_name: inst.spec.bot_name.clone(),
+            join_method: JoinMethod::Token,
+            join_token: inst.spec.join_token.clone(),
+            recorded_join_token: mask_token(&inst.spec.join_token),
+            instance: subject.instance,
+            binding: None,
+            token: subject.token,
+            audit: vec![done],
+        }
+        .issue(now)
+        .map_err(|e| Denial::new(ErrorCode::Internal, messages::INTERNAL, e.to_string()))
+    });
+    match decided {
+        Ok(success) => Step::Commit(success),
+        Err(d) => refuse(ev, d),
+    }
+}
+
+fn parse_identity_key(msg: &TokenJoin) -> Result<p256::PublicKey, Denial> {
+    keys::parse_pkix_b64(&msg.params.identity_public_key).map_err(|_| {
+        Denial::new(
             ErrorCode::BadRequest,
             "identity_public_key must be base64 PKIX DER of a P-256 key",
             "bad identity key",
-        );
-    };
-    let ttl = cfg.clamp_ttl(msg.params.ttl_secs);
-    let active = |targets: &[LockTarget]| {
-        snapshot
-            .locks
-            .iter()
-            .find(|l| l.is_active(now) && targets.contains(&l.target))
-            .cloned()
-    };
+        )
+    })
+}
 
-    let (instance, base_rev, token_write) = if let Some(id) = &peer.identity {
-        // Renewal with the instance's certificate.
+/// Step 1: the certificate (renewal) or the token (new instance) must name a usable
+/// token-method identity.
+fn authenticate<'a>(
+    peer: &'a Peer,
+    sent_token: bool,
+    token: Option<Token>,
+    ev: &mut AuditEvent,
+    now: UnixTime,
+) -> Result<Admission<'a>, Denial> {
+    if let Some(id) = &peer.identity {
         ev.instance_id = Some(id.claims.instance_id.clone());
         ev.bot_name = Some(id.claims.bot_name.clone());
         ev.token_name = Some(mask_token(&id.claims.join_token));
         if id.claims.join_method != JoinMethod::Token {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
+            return Err(Denial::access(
                 "bound_keypair certificate used for a token renewal",
-            );
+            ));
         }
-        if msg.token.is_some() {
-            return refuse(
-                ev,
-                None,
+        if sent_token {
+            return Err(Denial::new(
                 ErrorCode::BadRequest,
                 "a renewal must not carry a token",
                 "token sent with a certificate",
-            );
+            ));
         }
-        if let Some(l) = active(&[
+        return Ok(Admission::Renewal(id));
+    }
+    if !sent_token {
+        return Err(Denial::access("no token and no client certificate"));
+    }
+    let Some(token) = token else {
+        return Err(Denial::access("unknown token"));
+    };
+    ev.token_name = Some(mask_token(&token.name));
+    ev.bot_name = Some(token.spec.bot_name.clone());
+    if token.spec.join_method != JoinMethod::Token {
+        return Err(Denial::access("not a token-method token"));
+    }
+    if token.is_expired(now) {
+        return Err(Denial::access("token expired"));
+    }
+    let max = token.spec.max_joins.unwrap_or(1);
+    if token.status.join_count >= max {
+        return Err(Denial::access(format!("token used up ({max} joins)")));
+    }
+    Ok(Admission::NewInstance(Box::new(token)))
+}
+
+/// Step 2: no lock on the bot, the token or (on renewal) the instance.
+fn check_locks(admission: &Admission<'_>, locks: &[Lock], now: UnixTime) -> Result<(), Denial> {
+    let targets = match admission {
+        Admission::Renewal(id) => vec![
             LockTarget::Bot(id.claims.bot_name.clone()),
             LockTarget::BotInstanceId(id.claims.instance_id.clone()),
             LockTarget::JoinToken(id.claims.join_token.clone()),
-        ]) {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::Locked,
-                messages::LOCKED,
-                &format!("locked by {}", l.name),
-            );
-        }
-        let Some(inst) = snapshot
-            .instance
-            .filter(|i| i.spec.instance_id == id.claims.instance_id)
-        else {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                "bot instance no longer exists",
-            );
-        };
-        if inst.status.generation != id.claims.generation {
-            let reason = format!(
-                "generation mismatch: certificate has {}, instance has {}",
-                id.claims.generation, inst.status.generation
-            );
-            let lock = Lock {
-                name: format!("auto-generation-{}", inst.spec.instance_id),
-                target: LockTarget::BotInstanceId(inst.spec.instance_id.clone()),
-                message: reason.clone(),
-                expires: None,
-                created_by: "boundkey-auth (generation)".into(),
-                created_at: now,
-            };
-            return refuse(
-                ev,
-                Some(lock),
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                &reason,
-            );
-        }
-        let rev = inst.revision;
-        let mut inst = inst;
-        inst.status.generation += 1;
-        (inst, Some(rev), None)
-    } else {
-        let Some(_) = msg.token else {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                "no token and no client certificate",
-            );
-        };
-        let Some(token) = snapshot.token else {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                "unknown token",
-            );
-        };
-        ev.token_name = Some(mask_token(&token.name));
-        ev.bot_name = Some(token.spec.bot_name.clone());
-        if token.spec.join_method != JoinMethod::Token {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                "not a token-method token",
-            );
-        }
-        if token.is_expired(now) {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                "token expired",
-            );
-        }
-        let max = token.spec.max_joins.unwrap_or(1);
-        if token.status.join_count >= max {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                &format!("token used up ({max} joins)"),
-            );
-        }
-        if let Some(l) = active(&[
+        ],
+        Admission::NewInstance(token) => vec![
             LockTarget::Bot(token.spec.bot_name.clone()),
             LockTarget::JoinToken(token.name.clone()),
-        ]) {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::Locked,
-                messages::LOCKED,
-                &format!("locked by {}", l.name),
-            );
-        }
-        let mut status = token.status.clone();
-        status.join_count += 1;
-        let inst = BotInstance::new(
-            &token.spec.bot_name,
-            JoinMethod::Token,
-            &token.name,
-            None,
-            now,
-        );
-        let tw = TokenWrite {
-            name: token.name.clone(),
-            expected_revision: token.revision,
-            status,
-        };
-        (inst, None, Some(tw))
+        ],
     };
+    match locks
+        .iter()
+        .find(|l| l.is_active(now) && targets.contains(&l.target))
+    {
+        Some(l) => Err(Denial::new(
+            ErrorCode::Locked,
+            messages::LOCKED,
+            format!("locked by {}", l.name),
+        )),
+        None => Ok(()),
+    }
+}
 
-    let mut instance = instance;
-    let claims = IdentityClaims {
-        cluster: authority.cluster().to_string(),
-        bot_name: instance.spec.bot_name.clone(),
-        instance_id: instance.spec.instance_id.clone(),
-        generation: instance.status.generation,
-        join_method: JoinMethod::Token,
-        join_token: instance.spec.join_token.clone(),
-    };
-    let issued = match authority.issue_identity(&claims, &identity_key, ttl, now) {
-        Ok(i) => i,
-        Err(e) => {
-            return refuse(
-                ev,
-                None,
-                ErrorCode::Internal,
-                messages::INTERNAL,
-                &format!("issuing identity: {e}"),
-            )
+/// Step 3: the instance at its next generation. A renewal must present the generation the
+/// instance is at; anything else means two copies of the identity exist, and locks it.
+fn next_generation(
+    admission: Admission<'_>,
+    stored: Option<BotInstance>,
+    entropy: &Entropy,
+    now: UnixTime,
+) -> Result<Subject, Denial> {
+    match admission {
+        Admission::Renewal(id) => {
+            let Some(mut inst) = stored.filter(|i| i.spec.instance_id == id.claims.instance_id)
+            else {
+                return Err(Denial::access("bot instance no longer exists"));
+            };
+            if inst.status.generation != id.claims.generation {
+                let reason = format!(
+                    "generation mismatch: certificate has {}, instance has {}",
+                    id.claims.generation, inst.status.generation
+                );
+                let lock = Lock {
+                    name: format!("auto-generation-{}", inst.spec.instance_id),
+                    target: LockTarget::BotInstanceId(inst.spec.instance_id.clone()),
+                    message: reason.clone(),
+                    expires: None,
+                    created_by: "boundkey-auth (generation)".into(),
+                    created_at: now,
+                };
+                let mut d = Denial::access(reason);
+                d.lock = Some(Box::new(lock));
+                return Err(d);
+            }
+            let expected_revision = inst.revision;
+            inst.status.generation += 1;
+            Ok(Subject {
+                instance: InstanceWrite::Update {
+                    instance: inst,
+                    expected_revision,
+                },
+                token: None,
+            })
         }
-    };
-    instance.status.expires = issued.expires + INSTANCE_EXPIRY_GRACE_SECS;
-    instance.record_authentication(Authentication {
-        authenticated_at: now,
-        join_method: JoinMethod::Token,
-        join_token: mask_token(&instance.spec.join_token),
-        generation: instance.status.generation,
-        public_key: public_key_pem(&identity_key),
-        bound_public_key: None,
-        remote_addr: peer.remote_addr.clone(),
-    });
-    ev.success = true;
-    ev.instance_id = Some(instance.spec.instance_id.clone());
-    let ev = ev.field("generation", instance.status.generation);
-    let reply = ServerMessage::Result(JoinResult {
-        bot_name: instance.spec.bot_name.clone(),
-        instance_id: instance.spec.instance_id.clone(),
-        generation: instance.status.generation,
-        join_method: JoinMethod::Token,
-        certificate: issued.certificate_pem,
-        ca_bundle: authority.identity_ca_bundle(now),
-        not_before: issued.not_before,
-        expires: issued.expires,
-        join_state: None,
-        bound_public_key: None,
-    });
-    let instance = match base_rev {
-        Some(rev) => InstanceWrite::Update {
-            instance,
-            expected_revision: rev,
-        },
-        None => InstanceWrite::Create(instance),
-    };
-    Step::Commit(Box::new(Success {
-        commit: Commit {
-            token: token_write,
-            instance,
-            audit: vec![ev],
-        },
-        reply,
-    }))
+        Admission::NewInstance(token) => {
+            let mut status = token.status.clone();
+            status.join_count += 1;
+            let inst = BotInstance::new_with_id(
+                entropy.instance_id(),
+                &token.spec.bot_name,
+                JoinMethod::Token,
+                &token.name,
+                None,
+                now,
+            );
+            Ok(Subject {
+                instance: InstanceWrite::Create(inst),
+                token: Some(TokenWrite {
+                    name: token.name,
+                    expected_revision: token.revision,
+                    status,
+                }),
+            })
+        }
+    }
 }

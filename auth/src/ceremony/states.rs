@@ -1,0 +1,315 @@
+//! The ceremony's states, one type per thing it waits for. Each transition consumes its state
+//! and returns the next one with the step to take; a refusal always leads to
+//! [`State::Done`].
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use boundkey_proto::claims::{ChallengeClaims, CHALLENGE_NBF_SKEW_SECS, CHALLENGE_TTL_SECS};
+use boundkey_proto::{
+    keys, Challenge, ChallengeSolution, ClientMessage, ErrorCode, RotationReason, RotationRequest,
+    RotationResponse, ServerMessage, UnixTime,
+};
+use subtle::ConstantTimeEq;
+
+use crate::admin::hash_secret;
+use crate::outcome::{messages, Refusal, Step};
+
+use super::checks::{Checked, FirstProof, IdentityProof, Proven};
+use super::context::{Context, Delivery};
+use super::finish::{FinalKey, KeyChange};
+use super::proof::check_solution;
+
+/// Where a ceremony is.
+#[derive(Debug)]
+pub(crate) enum State {
+    ExpectRotationResponse(ExpectRotationResponse),
+    ExpectSolution(ExpectSolution),
+    /// Committed or refused; any further message is refused.
+    Done,
+}
+
+/// A `RotationRequest` was sent; the device must answer with a fresh public key.
+#[derive(Debug)]
+pub(crate) enum ExpectRotationResponse {
+    /// First join by registration secret: the device makes its first bound key. Nothing is
+    /// proven yet beyond the secret.
+    Registration,
+    /// A rotation is due and the current key passed every check.
+    RotationDue(Box<Checked>),
+}
+
+/// A `Challenge` for `key` was sent; the device must sign exactly `claims` with it.
+#[derive(Debug)]
+pub(crate) struct ExpectSolution {
+    key: p256::PublicKey,
+    claims: ChallengeClaims,
+    purpose: Purpose,
+}
+
+/// Which key a challenge asks the device to prove, and what is established already.
+#[derive(Debug)]
+pub(crate) enum Purpose {
+    /// The bound (or pre-registered) key: the first proof.
+    BoundKey,
+    /// The key a registration just made: the first proof.
+    Registration,
+    /// A rotation's new key, after the old one passed every check.
+    Rotation(Box<Checked>),
+}
+
+type Next = (State, Step);
+
+fn refused(refusal: Box<Refusal>) -> Next {
+    (State::Done, Step::Refuse(refusal))
+}
+
+/// The first state, from what `Init` carried.
+pub(super) fn begin(ctx: &Context, secret: Option<String>, now: UnixTime) -> Next {
+    if let Some(k) = ctx.previous_key {
+        return challenge(ctx, k, Purpose::BoundKey, now);
+    }
+    // Case A: first join.
+    let onboarding = &ctx.spec.onboarding;
+    if let Some(initial) = &onboarding.initial_public_key {
+        return match keys::parse_ssh_public_key(initial) {
+            Ok(k) => challenge(ctx, k, Purpose::BoundKey, now),
+            Err(_) => refused(ctx.deny(
+                ErrorCode::AccessDenied,
+                messages::ACCESS_DENIED,
+                "stored initial_public_key unparseable",
+                Delivery::Fresh,
+                now,
+            )),
+        };
+    }
+    // Secret path: missing, late and wrong all get the same answer.
+    let stored = &ctx.token.status.registration_secret_hash;
+    let late = onboarding.must_register_before.is_some_and(|d| now >= d);
+    let ok = match (&secret, stored) {
+        (Some(s), Some(h)) => bool::from(hash_secret(s).as_bytes().ct_eq(h.as_bytes())),
+        _ => false,
+    };
+    if !ok || late {
+        let reason = match (secret.is_some(), stored.is_some(), late) {
+            (false, _, _) => "registration secret missing",
+            (_, false, _) => "registration secret already used",
+            (_, _, true) => "registration deadline (must_register_before) passed",
+            _ => "wrong registration secret",
+        };
+        return refused(ctx.deny(
+            ErrorCode::AccessDenied,
+            messages::ACCESS_DENIED,
+            reason,
+            Delivery::Fresh,
+            now,
+        ));
+    }
+    request_rotation(
+        ExpectRotationResponse::Registration,
+        RotationReason::Registration,
+    )
+}
+
+fn request_rotation(state: ExpectRotationResponse, reason: RotationReason) -> Next {
+    (
+        State::ExpectRotationResponse(state),
+        Step::Send(ServerMessage::RotationRequest(RotationRequest { reason })),
+    )
+}
+
+fn challenge(ctx: &Context, key: p256::PublicKey, purpose: Purpose, now: UnixTime) -> Next {
+    let nonce: [u8; 16] = ctx.entropy.bytes();
+    let cluster = ctx.authority.cluster().to_string();
+    let claims = ChallengeClaims {
+        iss: cluster.clone(),
+        aud: cluster,
+        sub: keys::kid(&key),
+        iat: now,
+        nbf: now - CHALLENGE_NBF_SKEW_SECS,
+        exp: now + CHALLENGE_TTL_SECS,
+        nonce: URL_SAFE_NO_PAD.encode(nonce),
+    };
+    // A struct of strings and integers always serialises.
+    let document = serde_json::to_string(&claims).unwrap_or_default();
+    let step = Step::Send(ServerMessage::Challenge(Challenge {
+        public_key: keys::ssh_public_key(&key),
+        document,
+    }));
+    (
+        State::ExpectSolution(ExpectSolution {
+            key,
+            claims,
+            purpose,
+        }),
+        step,
+    )
+}
+
+impl State {
+    pub(super) fn handle(self, ctx: &Context, msg: ClientMessage, now: UnixTime) -> Next {
+        match (self, msg) {
+            (State::ExpectRotationResponse(s), ClientMessage::RotationResponse(r)) => {
+                s.handle(ctx, r, now)
+            }
+            (State::ExpectSolution(s), ClientMessage::ChallengeSolution(m)) => {
+                s.handle(ctx, m, now)
+            }
+            (State::Done, _) => refused(ctx.deny(
+                ErrorCode::BadRequest,
+                "the ceremony is over",
+                "message after the ceremony ended",
+                Delivery::Fresh,
+                now,
+            )),
+            (state, msg) => {
+                let reason = format!(
+                    "unexpected {} while waiting for {}",
+                    msg.kind(),
+                    state.expects()
+                );
+                let delivery = state.delivery().unwrap_or(Delivery::Fresh);
+                refused(ctx.deny(
+                    ErrorCode::BadRequest,
+                    "unexpected message",
+                    &reason,
+                    delivery,
+                    now,
+                ))
+            }
+        }
+    }
+
+    /// The wire name of the message this state waits for.
+    fn expects(&self) -> &'static str {
+        match self {
+            State::ExpectRotationResponse(_) => "rotation_response",
+            State::ExpectSolution(_) => "challenge_solution",
+            State::Done => "nothing",
+        }
+    }
+
+    /// Whether the ceremony so far is a redelivery; `None` once it is over.
+    pub(super) fn delivery(&self) -> Option<Delivery> {
+        match self {
+            State::ExpectRotationResponse(ExpectRotationResponse::RotationDue(c))
+            | State::ExpectSolution(ExpectSolution {
+                purpose: Purpose::Rotation(c),
+                ..
+            }) => Some(c.delivery),
+            State::ExpectRotationResponse(ExpectRotationResponse::Registration)
+            | State::ExpectSolution(_) => Some(Delivery::Fresh),
+            State::Done => None,
+        }
+    }
+}
+
+impl ExpectRotationResponse {
+    fn handle(self, ctx: &Context, r: RotationResponse, now: UnixTime) -> Next {
+        let delivery = match &self {
+            ExpectRotationResponse::Registration => Delivery::Fresh,
+            ExpectRotationResponse::RotationDue(c) => c.delivery,
+        };
+        let Ok(new_key) = keys::parse_ssh_public_key(&r.public_key) else {
+            return refused(ctx.deny(
+                ErrorCode::BadRequest,
+                "public_key must be an ecdsa-sha2-nistp256 SSH public key",
+                "rotation response key unparseable",
+                delivery,
+                now,
+            ));
+        };
+        let (current, purpose) = match self {
+            ExpectRotationResponse::Registration => (ctx.previous_key, Purpose::Registration),
+            ExpectRotationResponse::RotationDue(c) => (Some(c.key), Purpose::Rotation(c)),
+        };
+        if current == Some(new_key) {
+            return refused(ctx.deny(
+                ErrorCode::AccessDenied,
+                "the new key must differ from the current bound key",
+                "rotation reused the current key",
+                delivery,
+                now,
+            ));
+        }
+        challenge(ctx, new_key, purpose, now)
+    }
+}
+
+impl ExpectSolution {
+    fn handle(self, ctx: &Context, s: ChallengeSolution, now: UnixTime) -> Next {
+        let ExpectSolution {
+            key,
+            claims,
+            purpose,
+        } = self;
+        let delivery = match &purpose {
+            Purpose::Rotation(c) => c.delivery,
+            Purpose::BoundKey | Purpose::Registration => Delivery::Fresh,
+        };
+        let denied = |reason: &str| {
+            refused(ctx.deny(
+                ErrorCode::AccessDenied,
+                messages::ACCESS_DENIED,
+                reason,
+                delivery,
+                now,
+            ))
+        };
+        if let Err(e) = check_solution(&s.solution, &key, &claims, now) {
+            return denied(&e.to_string());
+        }
+        let identity = match &s.identity_proof {
+            Some(proof) => match check_solution(proof, &ctx.identity_key, &claims, now) {
+                Ok(()) => IdentityProof::Proven,
+                Err(e) => return denied(&format!("identity proof: {e}")),
+            },
+            None => IdentityProof::Absent,
+        };
+        let first = match purpose {
+            Purpose::Rotation(checked) => {
+                let bound = FinalKey {
+                    key,
+                    change: KeyChange::Rotated,
+                };
+                return (State::Done, ctx.finish(*checked, bound, now));
+            }
+            Purpose::BoundKey => FirstProof::BoundKey,
+            Purpose::Registration => FirstProof::Registration,
+        };
+        let checked = match ctx.check(
+            Proven {
+                key,
+                first,
+                identity,
+            },
+            now,
+        ) {
+            Ok(c) => c,
+            Err(refusal) => return refused(refusal),
+        };
+        let rotation_due = ctx.token.rotation_due(now);
+        match first {
+            // A registration makes a fresh key, which satisfies a rotation due at the same time.
+            FirstProof::Registration => {
+                let change = if rotation_due {
+                    KeyChange::Rotated
+                } else {
+                    KeyChange::Kept
+                };
+                let bound = FinalKey { key, change };
+                (State::Done, ctx.finish(checked, bound, now))
+            }
+            FirstProof::BoundKey if rotation_due => request_rotation(
+                ExpectRotationResponse::RotationDue(Box::new(checked)),
+                RotationReason::RotationDue,
+            ),
+            FirstProof::BoundKey => {
+                let bound = FinalKey {
+                    key,
+                    change: KeyChange::Kept,
+                };
+                (State::Done, ctx.finish(checked, bound, now))
+            }
+        }
+    }
+}
