@@ -1,6 +1,12 @@
-//! Errors a key store reports, each naming what failed so the agent can tell the operator what to do.
+//! Errors a key store reports, each naming what failed so the agent can tell the operator what to
+//! do. The texts describe the key store only: the agent adds its own flags and settings.
 
+use std::fmt;
 use std::path::PathBuf;
+
+use boundkey_fs::{FsError, SecretFileError};
+
+use crate::Parent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HalError {
@@ -13,23 +19,32 @@ pub enum HalError {
     #[error("the TPM is in dictionary-attack lockout (wait for the lockout to expire or clear it with the lockout auth)")]
     Lockout,
     #[error("TPM authorization failed for {what} (wrong auth value)")]
-    AuthFailed { what: String },
-    #[error("key {name} is corrupt or was made by a different TPM: {detail}")]
-    KeyCorrupt { name: String, detail: String },
+    AuthFailed { what: AuthTarget },
+    /// A key file exists but does not hold a usable key; `path` is the file.
+    #[error("key {name} is corrupt or was made by a different TPM: {}: {fault}", path.display())]
+    KeyCorrupt {
+        name: String,
+        path: PathBuf,
+        fault: KeyFault,
+    },
     #[error("key {0} does not exist")]
     KeyNotFound(String),
-    #[error("key {0} already exists (use --overwrite to replace it)")]
+    #[error("key {0} already exists")]
     KeyExists(String),
-    #[error("the TPM stopped responding: {0}")]
-    DeviceLost(String),
+    #[error("the TPM stopped responding: {op} via {tcti}: {detail}")]
+    DeviceLost {
+        op: &'static str,
+        tcti: String,
+        detail: String,
+    },
     #[error("TPM error during {op}: {detail}")]
     Tpm { op: &'static str, detail: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FsError),
+    #[error(transparent)]
+    Secret(#[from] SecretFileError),
+    #[error("invalid TPM configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error("invalid key name {0:?}")]
     InvalidKeyName(String),
     #[error("invalid P-256 public key")]
@@ -44,7 +59,70 @@ impl HalError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            HalError::DeviceLost(_) | HalError::DeviceAbsent { .. }
+            HalError::DeviceLost { .. } | HalError::DeviceAbsent { .. }
         )
     }
+}
+
+/// Whose auth value the TPM refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthTarget {
+    /// The key's own auth value (set when it was created).
+    Key(String),
+    /// The owner hierarchy, needed to make the template parent.
+    OwnerHierarchy,
+    /// A persistent parent key at this handle.
+    ParentKey(u32),
+}
+
+impl fmt::Display for AuthTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthTarget::Key(name) => write!(f, "key {name}"),
+            AuthTarget::OwnerHierarchy => f.write_str("the owner hierarchy (owner auth)"),
+            AuthTarget::ParentKey(h) => write!(f, "parent key {h:#010x}"),
+        }
+    }
+}
+
+/// What is wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFault {
+    #[error("larger than {limit} bytes, too large for a key file")]
+    TooLarge { limit: u64 },
+    #[error("not a PEM file (not UTF-8 text)")]
+    NotText,
+    #[error("not a PKCS#8 PEM P-256 private key ({0})")]
+    NotPkcs8(p256::pkcs8::Error),
+    #[error("PKCS#8 encoding failed: {0}")]
+    Pkcs8Encode(p256::pkcs8::Error),
+    #[error("signing failed: {0}")]
+    Sign(p256::ecdsa::Error),
+    /// The TPM key file format is damaged.
+    #[cfg(feature = "tpm")]
+    #[error(transparent)]
+    Blob(#[from] crate::tpm::BlobError),
+    /// The file parses, but the TPM will not load it: damaged inside the wrapped private area, or
+    /// made by another TPM or under another parent.
+    #[error("the TPM refused to load it under the {parent} ({detail}); it is damaged or belongs to another TPM or parent")]
+    RefusedByTpm { parent: Parent, detail: String },
+}
+
+/// A TPM configuration the store refuses before touching the TPM.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0:#010x} is not a persistent handle (0x81000000..0x81ffffff)")]
+    NotPersistentHandle(u32),
+    /// The TPM refuses an auth value longer than the digest it is checked against.
+    #[error("the {what} value is longer than {max} bytes")]
+    AuthTooLong { what: &'static str, max: usize },
+    /// The TCTI library ignores options it does not know and then connects somewhere else.
+    #[error("TCTI {tcti:?}: only host= and port= are supported (TCP), not {option}=")]
+    TctiOption { tcti: String, option: String },
+    #[cfg(feature = "tpm")]
+    #[error("{tcti:?} is not a TCTI ({source}); expected device:PATH, tabrmd, swtpm:host=H,port=P or mssim:host=H,port=P")]
+    Tcti {
+        tcti: String,
+        source: tss_esapi::Error,
+    },
 }

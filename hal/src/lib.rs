@@ -8,19 +8,27 @@
 //! The signing path uses fixed-size types ([`Digest`], [`Signature`], [`PublicKeyBytes`],
 //! [`KeyName`]) so it does not allocate.
 
+#![forbid(unsafe_code)]
+#![deny(unreachable_pub)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod backend;
 mod config;
 pub mod error;
 pub mod file;
-mod fsutil;
+mod key_dir;
+mod secret;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 mod types;
 
 use std::path::Path;
 
-pub use config::{read_secret, tpm_present, Parent, TpmConfig, DEFAULT_TCTI};
-pub use error::HalError;
+pub use backend::{default_backend, tpm_present, tpm_supported};
+pub use config::{Parent, TpmConfig, DEFAULT_TCTI};
+pub use error::{AuthTarget, ConfigError, HalError, KeyFault};
 pub use file::FileKeyStore;
+pub use secret::read_secret;
 #[cfg(feature = "tpm")]
 pub use tpm::TpmKeyStore;
 pub use types::{Backend, Digest, KeyName, PublicKeyBytes, Signature};
