@@ -2,6 +2,7 @@
 //! do. The texts describe the key store only: the agent adds its own flags and settings.
 
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
 
 use boundkey_fs::{FsError, SecretFileError};
@@ -10,8 +11,8 @@ use crate::Parent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HalError {
-    #[error("TPM not found at {tcti}: {detail} (is the TPM enabled and its device node present, or the TPM simulator running?)")]
-    DeviceAbsent { tcti: String, detail: String },
+    #[error("TPM not found at {tcti}: {cause} (is the TPM enabled and its device node present, or the TPM simulator running?)")]
+    DeviceAbsent { tcti: String, cause: Absence },
     #[error(
         "permission denied opening the TPM at {tcti} (run as a user in the tss group, or as root)"
     )]
@@ -31,14 +32,14 @@ pub enum HalError {
     KeyNotFound(String),
     #[error("key {0} already exists")]
     KeyExists(String),
-    #[error("the TPM stopped responding: {op} via {tcti}: {detail}")]
+    #[error("the TPM stopped responding: {op} via {tcti}: {response}")]
     DeviceLost {
         op: &'static str,
         tcti: String,
-        detail: String,
+        response: TpmResponse,
     },
-    #[error("TPM error during {op}: {detail}")]
-    Tpm { op: &'static str, detail: String },
+    #[error("TPM error during {op}: {fault}")]
+    Tpm { op: &'static str, fault: TpmFault },
     #[error(transparent)]
     Io(#[from] FsError),
     #[error(transparent)]
@@ -104,8 +105,11 @@ pub enum KeyFault {
     Blob(#[from] crate::tpm::BlobError),
     /// The file parses, but the TPM will not load it: damaged inside the wrapped private area, or
     /// made by another TPM or under another parent.
-    #[error("the TPM refused to load it under the {parent} ({detail}); it is damaged or belongs to another TPM or parent")]
-    RefusedByTpm { parent: Parent, detail: String },
+    #[error("the TPM refused to load it under the {parent} ({response}); it is damaged or belongs to another TPM or parent")]
+    RefusedByTpm {
+        parent: Parent,
+        response: TpmResponse,
+    },
 }
 
 /// A TPM configuration the store refuses before touching the TPM.
@@ -125,4 +129,69 @@ pub enum ConfigError {
         tcti: String,
         source: tss_esapi::Error,
     },
+}
+
+/// A failure the TPM software stack reported: its full TSS2_RC (layer byte included) when it had
+/// one, and a description that names the layer and the code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TpmResponse {
+    code: Option<u32>,
+    description: String,
+}
+
+impl TpmResponse {
+    #[cfg(feature = "tpm")]
+    pub(crate) fn new(code: Option<u32>, description: String) -> Self {
+        TpmResponse { code, description }
+    }
+
+    /// The TSS2_RC, e.g. `0x98e` (TPM_RC_AUTH_FAIL on session 1) or `0xa000a` (TCTI I/O error);
+    /// `None` for failures inside the library that carry no response code.
+    pub fn code(&self) -> Option<u32> {
+        self.code
+    }
+}
+
+impl fmt::Display for TpmResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.description)
+    }
+}
+
+/// Why no TPM could be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum Absence {
+    /// The TCTI's device node cannot be opened (for a reason other than permissions).
+    #[error("{}: {source}", path.display())]
+    Node { path: PathBuf, source: io::Error },
+    /// The TCTI library could not connect.
+    #[error("{0}")]
+    Connect(TpmResponse),
+}
+
+/// What went wrong in a TPM operation that is neither the device, the auth values nor the key
+/// file.
+#[derive(Debug, thiserror::Error)]
+pub enum TpmFault {
+    /// A command failed at `stage` ("signing", "loading the key", ...).
+    #[error("{stage} failed: {response}")]
+    Command {
+        stage: &'static str,
+        response: TpmResponse,
+    },
+    /// The parent to create or load keys under is missing or not a usable storage key.
+    #[error("the {parent} does not exist or is unusable ({response})")]
+    ParentUnusable {
+        parent: Parent,
+        response: TpmResponse,
+    },
+    /// The TPM refused a key blob while no key file was involved.
+    #[error("{0}")]
+    BlobRefused(TpmResponse),
+    /// The TPM created a key this store must not use (or cannot store).
+    #[cfg(feature = "tpm")]
+    #[error("the TPM returned an unusable key: {0}")]
+    UnusableKey(crate::tpm::BlobError),
+    #[error("the TPM returned a signature that is not a valid ECDSA P-256 signature")]
+    BadSignature,
 }

@@ -26,7 +26,7 @@ use std::path::Path;
 
 pub use backend::{default_backend, tpm_present, tpm_supported};
 pub use config::{Parent, TpmConfig, DEFAULT_TCTI};
-pub use error::{AuthTarget, ConfigError, HalError, KeyFault};
+pub use error::{Absence, AuthTarget, ConfigError, HalError, KeyFault, TpmFault, TpmResponse};
 pub use file::FileKeyStore;
 pub use secret::read_secret;
 #[cfg(feature = "tpm")]

@@ -9,7 +9,7 @@ use std::path::Path;
 use boundkey_hal::tpm::KeyBlob;
 use boundkey_hal::{
     open_store, AuthTarget, Backend, Digest, HalError, KeyName, KeyStore, Parent, TpmConfig,
-    TpmKeyStore,
+    TpmFault, TpmKeyStore,
 };
 use boundkey_testkit::Swtpm;
 use common::{assert_verifies, mode};
@@ -350,8 +350,8 @@ fn absent_tpm_is_device_absent() {
     .unwrap();
     let err = s.create(&name("k")).unwrap_err();
     match &err {
-        HalError::DeviceAbsent { detail, .. } => {
-            assert!(detail.contains("/nonexistent/tpmrm0"), "{err}")
+        HalError::DeviceAbsent { cause, .. } => {
+            assert!(cause.to_string().contains("/nonexistent/tpmrm0"), "{err}")
         }
         other => panic!("expected DeviceAbsent, got {other:?}"),
     }
@@ -396,9 +396,19 @@ fn persistent_parent_handle() {
     let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
     eprintln!("parent gone: {err}");
     assert!(
-        matches!(err, HalError::Tpm { ref detail, .. } if detail.contains("0x81000001")),
+        matches!(
+            err,
+            HalError::Tpm {
+                fault: TpmFault::ParentUnusable {
+                    parent: Parent::Persistent(0x8100_0001),
+                    ..
+                },
+                ..
+            }
+        ),
         "{err:?} ({err})"
     );
+    assert!(err.to_string().contains("0x81000001"), "{err}");
     // The same template under the same seed is the same key: the blob loads again.
     s.disconnect();
     provision();

@@ -8,7 +8,7 @@ use tss_esapi::constants::response_code::{Tss2ResponseCode, Tss2ResponseCodeKind
 
 use super::session::{Fail, Stage};
 use super::tcti::diagnose_device;
-use crate::{AuthTarget, HalError, KeyFault, KeyName, Parent};
+use crate::{Absence, AuthTarget, HalError, KeyFault, KeyName, Parent, TpmFault, TpmResponse};
 
 /// What a tss-esapi error means for the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,12 +82,17 @@ fn blob_rejected(err: &tss_esapi::Error, kind: Tss2ResponseCodeKind) -> bool {
         )
 }
 
-/// A one-line description of a tss-esapi error that names its layer and raw code.
-fn describe(err: &tss_esapi::Error) -> String {
-    let tss_esapi::Error::Tss2Error(code) = *err else {
-        return err.to_string();
+/// The response code of a tss-esapi error and a one-line description naming its layer and code.
+fn response(err: &tss_esapi::Error) -> TpmResponse {
+    let code = match *err {
+        tss_esapi::Error::Tss2Error(code) => raw_rc(code),
+        tss_esapi::Error::WrapperError(_) => None,
     };
-    let Some(rc) = raw_rc(code) else {
+    TpmResponse::new(code, describe(err, code))
+}
+
+fn describe(err: &tss_esapi::Error, code: Option<u32>) -> String {
+    let Some(rc) = code else {
         return err.to_string();
     };
     let layer = match (rc >> 16) & 0xff {
@@ -144,18 +149,18 @@ pub(super) fn to_hal_error(fail: Fail, doing: Doing<'_>) -> HalError {
         parent,
         key,
     } = doing;
-    let detail = describe(&fail.err);
+    let response = response(&fail.err);
     if fail.stage == Stage::Connect {
         return diagnose_device(tcti).unwrap_or(HalError::DeviceAbsent {
             tcti: tcti.to_string(),
-            detail,
+            cause: Absence::Connect(response),
         });
     }
     match classify(&fail.err) {
         Class::Transport => HalError::DeviceLost {
             op,
             tcti: tcti.to_string(),
-            detail,
+            response,
         },
         Class::Tpm(Tss2ResponseCodeKind::Lockout) => HalError::Lockout,
         Class::Tpm(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth) => {
@@ -173,18 +178,24 @@ pub(super) fn to_hal_error(fail: Fail, doing: Doing<'_>) -> HalError {
                 Some((name, path)) => HalError::KeyCorrupt {
                     name: name.to_string(),
                     path,
-                    fault: KeyFault::RefusedByTpm { parent, detail },
+                    fault: KeyFault::RefusedByTpm { parent, response },
                 },
-                None => HalError::Tpm { op, detail },
+                None => HalError::Tpm {
+                    op,
+                    fault: TpmFault::BlobRefused(response),
+                },
             }
         }
         Class::Tpm(Tss2ResponseCodeKind::Handle) if fail.stage == Stage::Parent => HalError::Tpm {
             op,
-            detail: format!("the {parent} does not exist or is unusable ({detail})"),
+            fault: TpmFault::ParentUnusable { parent, response },
         },
         _ => HalError::Tpm {
             op,
-            detail: format!("{} failed: {detail}", fail.stage.as_str()),
+            fault: TpmFault::Command {
+                stage: fail.stage.as_str(),
+                response,
+            },
         },
     }
 }
@@ -313,6 +324,31 @@ mod tests {
             fail(Stage::Parent, 0x18b),
             doing(Parent::Persistent(0x8100_0001)),
         );
+        assert!(
+            matches!(
+                e,
+                HalError::Tpm {
+                    fault: TpmFault::ParentUnusable {
+                        parent: Parent::Persistent(0x8100_0001),
+                        ref response,
+                    },
+                    ..
+                } if response.code() == Some(0x18b)
+            ),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("0x81000001"), "{e}");
+    }
+
+    #[test]
+    fn responses_keep_their_code_and_name_their_layer() {
+        let r = response(&tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(
+            0x0a000a,
+        )));
+        assert_eq!(r.code(), Some(0x0a000a));
+        assert_eq!(r.to_string(), "TCTI I/O error (TSS2_RC 0xa000a)");
+        let r = response(&tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(0x98e)));
+        assert_eq!(r.code(), Some(0x98e));
+        assert!(r.to_string().contains("TPM_RC 0x98e"), "{r}");
     }
 }

@@ -40,7 +40,7 @@ use session::{
 use crate::key_dir::KeyDir;
 use crate::{
     Backend, ConfigError, Digest, HalError, KeyName, KeyStore, Parent, PublicKeyBytes, Signature,
-    TpmConfig,
+    TpmConfig, TpmFault,
 };
 
 const EXT: &str = "tpmkey";
@@ -199,16 +199,13 @@ impl KeyStore for TpmKeyStore {
             )
         });
         let created = r.map_err(|f| self.fail(f, "create a key", Some((name, parent))))?;
-        let blob = KeyBlob::new(parent, created.out_public, created.out_private).map_err(|d| {
-            HalError::Tpm {
-                op: "create a key",
-                detail: format!("the TPM returned an unusable key: {d}"),
-            }
-        })?;
-        let bytes = blob.to_bytes().map_err(|d| HalError::Tpm {
+        let unusable = |e| HalError::Tpm {
             op: "create a key",
-            detail: format!("cannot encode the key blob: {d}"),
-        })?;
+            fault: TpmFault::UnusableKey(e),
+        };
+        let blob =
+            KeyBlob::new(parent, created.out_public, created.out_private).map_err(unusable)?;
+        let bytes = blob.to_bytes().map_err(unusable)?;
         self.keys.create(name, &bytes)?;
         Ok(blob.public_key())
     }
@@ -242,9 +239,9 @@ impl KeyStore for TpmKeyStore {
             )
         });
         let sig = r.map_err(|f| self.fail(f, "sign", Some((name, blob.parent()))))?;
-        jws_signature(&sig).ok_or_else(|| HalError::Tpm {
+        jws_signature(&sig).ok_or(HalError::Tpm {
             op: "sign",
-            detail: "the TPM returned a signature that is not a valid ECDSA P-256 signature".into(),
+            fault: TpmFault::BadSignature,
         })
     }
 

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use tss_esapi::TctiNameConf;
 
-use crate::{ConfigError, HalError};
+use crate::{Absence, ConfigError, HalError};
 
 /// Parses and checks a TCTI string.
 pub(super) fn parse_tcti(s: &str) -> Result<TctiNameConf, ConfigError> {
@@ -49,9 +49,12 @@ pub(super) fn diagnose_device(tcti: &str) -> Option<HalError> {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             Some(HalError::PermissionDenied { tcti })
         }
-        Err(e) => Some(HalError::DeviceAbsent {
+        Err(source) => Some(HalError::DeviceAbsent {
             tcti,
-            detail: format!("{path}: {e}"),
+            cause: Absence::Node {
+                path: path.into(),
+                source,
+            },
         }),
     }
 }
@@ -90,7 +93,17 @@ mod tests {
     #[test]
     fn missing_device_node_is_device_absent() {
         let err = diagnose_device("device:/nonexistent/tpmrm9").unwrap();
-        assert!(matches!(err, HalError::DeviceAbsent { .. }), "{err}");
+        match &err {
+            HalError::DeviceAbsent {
+                tcti,
+                cause: Absence::Node { path, .. },
+            } => {
+                assert_eq!(tcti, "device:/nonexistent/tpmrm9");
+                assert_eq!(path, std::path::Path::new("/nonexistent/tpmrm9"));
+            }
+            other => panic!("expected DeviceAbsent, got {other:?}"),
+        }
+        assert!(err.to_string().contains("/nonexistent/tpmrm9"), "{err}");
         assert!(diagnose_device("swtpm:host=127.0.0.1,port=1").is_none());
     }
 }
