@@ -9,16 +9,22 @@ use boundkey_fs::{FsError, SecretFileError};
 
 use crate::Parent;
 
+/// Why a key-store operation failed. Each variant is one thing the operator can act on; the
+/// causes inside are typed so a caller can tell them apart without reading the text.
 #[derive(Debug, thiserror::Error)]
 pub enum HalError {
+    /// No TPM answered at `tcti` (device node missing, simulator not running).
     #[error("TPM not found at {tcti}: {cause} (is the TPM enabled and its device node present, or the TPM simulator running?)")]
     DeviceAbsent { tcti: String, cause: Absence },
+    /// The device node exists but this user may not open it.
     #[error(
         "permission denied opening the TPM at {tcti} (run as a user in the tss group, or as root)"
     )]
     PermissionDenied { tcti: String },
+    /// The TPM refuses authorizations until the lockout ends; retrying makes it longer.
     #[error("the TPM is in dictionary-attack lockout (wait for the lockout to expire or clear it with the lockout auth)")]
     Lockout,
+    /// An auth value is wrong; it will not become right by retrying.
     #[error("TPM authorization failed for {what} (wrong auth value)")]
     AuthFailed { what: AuthTarget },
     /// A key file exists but does not hold a usable key; `path` is the file.
@@ -28,22 +34,29 @@ pub enum HalError {
         path: PathBuf,
         fault: KeyFault,
     },
+    /// No key file of that name.
     #[error("key {0} does not exist")]
     KeyNotFound(String),
+    /// A key of that name exists; a store never replaces one (delete it first).
     #[error("key {0} already exists")]
     KeyExists(String),
+    /// The connection broke mid-operation; the next operation reconnects.
     #[error("the TPM stopped responding: {op} via {tcti}: {response}")]
     DeviceLost {
         op: &'static str,
         tcti: String,
         response: TpmResponse,
     },
+    /// Any other TPM failure, with the operation it broke.
     #[error("TPM error during {op}: {fault}")]
     Tpm { op: &'static str, fault: TpmFault },
+    /// Reading or writing the storage directory failed.
     #[error(transparent)]
     Io(#[from] FsError),
+    /// A secret file (auth value) breaks the one rule for secret files.
     #[error(transparent)]
     Secret(#[from] SecretFileError),
+    /// A TPM configuration refused when the store is opened, before touching the TPM.
     #[error("invalid TPM configuration: {0}")]
     Config(#[from] ConfigError),
     #[error("invalid key name {0:?}")]

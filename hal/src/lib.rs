@@ -2,7 +2,7 @@
 //!
 //! A [`KeyStore`] holds named P-256 signing keys. Keys are referenced by name and never exported:
 //! the only operations are create, read the public key, sign a SHA-256 digest, delete and list.
-//! Backends: [`file`] (PKCS#8 PEM, for development and devices without a TPM) and `tpm`
+//! Backends: [`file`](mod@file) (PKCS#8 PEM, for development and devices without a TPM) and `tpm`
 //! (tss-esapi; keys live in the TPM, only wrapped blobs are stored).
 //!
 //! The signing path uses fixed-size types ([`Digest`], [`Signature`], [`PublicKeyBytes`],

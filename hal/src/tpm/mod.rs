@@ -274,6 +274,46 @@ mod tests {
 
     use super::*;
 
+    fn tpm_signature(r: &[u8], s: &[u8]) -> tss_esapi::structures::Signature {
+        use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+        use tss_esapi::structures::{EccParameter, EccSignature};
+        tss_esapi::structures::Signature::EcDsa(
+            EccSignature::create(
+                HashingAlgorithm::Sha256,
+                EccParameter::try_from(r.to_vec()).unwrap(),
+                EccParameter::try_from(s.to_vec()).unwrap(),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn tpm_signatures_become_low_s_jws_signatures() {
+        use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
+        let sk = p256::ecdsa::SigningKey::from_slice(&[3u8; 32]).unwrap();
+        for i in 0..16u8 {
+            let digest = Digest::of(&[i]);
+            let sig: p256::ecdsa::Signature = sk.sign_prehash(&digest.0).unwrap();
+            // Either S: a TPM may return the high one.
+            let high = p256::ecdsa::Signature::from_scalars(sig.r(), -*sig.s()).unwrap();
+            for given in [sig, high] {
+                let (r, s) = given.split_bytes();
+                let out = jws_signature(&tpm_signature(&r, &s)).unwrap();
+                let parsed = p256::ecdsa::Signature::from_slice(&out.0).unwrap();
+                assert!(parsed.normalize_s().is_none(), "high-S signature emitted");
+                sk.verifying_key()
+                    .verify_prehash(&digest.0, &parsed)
+                    .unwrap();
+            }
+        }
+        // Leading zero bytes dropped by the TPM are put back; a zero scalar is not a signature.
+        let out = jws_signature(&tpm_signature(&[1], &[2])).unwrap();
+        assert_eq!(out.0[31], 1);
+        assert_eq!(out.0[63], 2);
+        assert!(out.0[..31].iter().all(|&b| b == 0));
+        assert!(jws_signature(&tpm_signature(&[0], &[2])).is_none());
+    }
+
     #[test]
     fn overlong_auth_is_refused_at_open() {
         let dir = tempfile::tempdir().unwrap();
