@@ -23,7 +23,7 @@ mod lock;
 mod secret;
 
 pub use lock::{DirLock, LockError};
-pub use secret::{read_secret_file, SecretFileError, MAX_SECRET_FILE};
+pub use secret::{read_secret_bytes, read_secret_file, SecretFileError, MAX_SECRET_FILE};
 
 /// An I/O failure and the path it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,13 @@ impl FsError {
             path: path.to_path_buf(),
             source,
         }
+    }
+
+    /// Whether a bounded read refused the file for being larger than its limit.
+    pub fn is_too_large(&self) -> bool {
+        self.source
+            .get_ref()
+            .is_some_and(|inner| inner.is::<TooLarge>())
     }
 
     /// Whether the file system ran out of space or quota (worth telling the operator plainly).
@@ -211,13 +218,19 @@ pub fn remove_durable(path: &Path) -> Result<(), FsError> {
     }
 }
 
+/// The cause inside the [`io::Error`] of an [`FsError`] when a bounded read hit its limit, so a
+/// caller can tell "this file is not what it should be" from a failing disk
+/// ([`FsError::is_too_large`]).
+#[derive(Debug, thiserror::Error)]
+#[error("larger than {limit} bytes")]
+pub struct TooLarge {
+    pub limit: u64,
+}
+
 fn too_large(path: &Path, limit: u64) -> FsError {
     FsError::new(
         path,
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes"),
-        ),
+        io::Error::new(io::ErrorKind::InvalidData, TooLarge { limit }),
     )
 }
 

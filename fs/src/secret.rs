@@ -19,6 +19,17 @@ pub struct SecretFileError {
 /// Reads a secret file: at most [`MAX_SECRET_FILE`] bytes, UTF-8, one trailing newline (`\n` or
 /// `\r\n`, which editors add) removed, not empty.
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretFileError> {
+    let bytes = read_secret_bytes(path)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| SecretFileError {
+        path: path.to_path_buf(),
+        detail: "not UTF-8 text".into(),
+    })?;
+    Ok(Zeroizing::new(text.to_string()))
+}
+
+/// [`read_secret_file`] for secrets that may be any bytes (TPM auth values): the same limit, the
+/// same one trailing newline removed, not empty; no UTF-8 requirement.
+pub fn read_secret_bytes(path: &Path) -> Result<Zeroizing<Vec<u8>>, SecretFileError> {
     let err = |detail: String| SecretFileError {
         path: path.to_path_buf(),
         detail,
@@ -35,6 +46,5 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, SecretFileErro
     if bytes.is_empty() {
         return Err(err("empty".into()));
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| err("not UTF-8 text".into()))?;
-    Ok(Zeroizing::new(text.to_string()))
+    Ok(bytes)
 }

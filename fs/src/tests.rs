@@ -149,4 +149,44 @@ fn ownership_checks_refuse_links_and_other_users_files() {
         let e = check_owned(&f).unwrap_err().to_string();
         assert!(e.contains("owned by uid 65534"), "{e}");
     }
+
+fn a_read_over_its_limit_says_so_in_its_type() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("big");
+    fs::write(&p, vec![b'a'; 11]).unwrap();
+    for e in [
+        read_limited(&p, 10).unwrap_err(),
+        read_limited_secret(&p, 10).unwrap_err(),
+    ] {
+        assert!(e.is_too_large(), "{e}");
+        assert!(e.to_string().contains("larger than 10 bytes"), "{e}");
+    }
+    // Other failures are not mistaken for it.
+    let e = read_limited(d.path(), 10).unwrap_err();
+    assert!(!e.is_too_large(), "{e}");
+}
+
+#[test]
+fn secret_bytes_follow_the_secret_file_rule_without_requiring_text() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("s");
+    fs::write(&p, [0xff, 0x00, b'\n']).unwrap();
+    assert_eq!(read_secret_bytes(&p).unwrap().as_slice(), &[0xff, 0x00]);
+    fs::write(&p, b"pa ss\n\n").unwrap();
+    assert_eq!(read_secret_bytes(&p).unwrap().as_slice(), b"pa ss\n");
+    fs::write(&p, b"\r\n").unwrap();
+    assert!(read_secret_bytes(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
+    fs::write(&p, vec![b'a'; MAX_SECRET_FILE as usize + 1]).unwrap();
+    let e = read_secret_bytes(&p).unwrap_err();
+    assert!(e.to_string().contains("larger than"), "{e}");
+    fs::write(&p, vec![b'a'; MAX_SECRET_FILE as usize]).unwrap();
+    assert_eq!(
+        read_secret_bytes(&p).unwrap().len(),
+        MAX_SECRET_FILE as usize
+    );
+    let e = read_secret_bytes(&d.path().join("none")).unwrap_err();
+    assert!(e.to_string().contains("no such file"), "{e}");
 }

@@ -2,7 +2,7 @@
 //!
 //! Layout: key `NAME` is `DIR/NAME.pem`, an unencrypted PKCS#8 `PRIVATE KEY` PEM of a P-256
 //! secret key, mode 0600, in a directory created 0700. Files are written atomically and never
-//! replaced (see `fsutil`), so a key is either absent or complete. Anyone who can read the file
+//! replaced (see `key_dir`), so a key is either absent or complete. Anyone who can read the file
 //! can copy the key: this backend gives no protection beyond file permissions.
 //!
 //! Secret material (file contents, decoded key) lives in zeroizing buffers and is dropped after
@@ -15,54 +15,47 @@ use p256::ecdsa::SigningKey;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use p256::SecretKey;
 
-use crate::fsutil::{self, CreateError, ReadError};
-use crate::{Backend, Digest, HalError, KeyName, KeyStore, PublicKeyBytes, Signature};
+use crate::key_dir::KeyDir;
+use crate::{Backend, Digest, HalError, KeyFault, KeyName, KeyStore, PublicKeyBytes, Signature};
 
 const EXT: &str = "pem";
 
 /// A [`KeyStore`] keeping PKCS#8 PEM files in one directory.
 #[derive(Debug)]
 pub struct FileKeyStore {
-    dir: PathBuf,
+    keys: KeyDir,
 }
 
 impl FileKeyStore {
     /// Opens the store in `dir`, creating it with mode 0700 if missing.
     pub fn open(dir: &Path) -> Result<Self, HalError> {
-        fsutil::ensure_dir(dir)?;
         Ok(FileKeyStore {
-            dir: dir.to_path_buf(),
+            keys: KeyDir::open(dir, EXT)?,
         })
     }
 
     /// The directory holding the key files.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.keys.dir()
     }
 
     /// The file that holds (or would hold) key `name`.
     pub fn key_path(&self, name: &KeyName) -> PathBuf {
-        fsutil::key_path(&self.dir, name, EXT)
+        self.keys.path(name)
+    }
+
+    fn corrupt(&self, name: &KeyName, fault: KeyFault) -> HalError {
+        HalError::KeyCorrupt {
+            name: name.to_string(),
+            path: self.key_path(name),
+            fault,
+        }
     }
 
     fn load(&self, name: &KeyName) -> Result<SecretKey, HalError> {
-        let path = self.key_path(name);
-        let corrupt = |detail: String| HalError::KeyCorrupt {
-            name: name.to_string(),
-            detail: format!("{}: {detail}", path.display()),
-        };
-        let bytes = match fsutil::read_key_file(&path) {
-            Ok(Some(b)) => b,
-            Ok(None) => return Err(HalError::KeyNotFound(name.to_string())),
-            Err(ReadError::Io(e)) => return Err(e),
-            Err(ReadError::TooLarge(n)) => {
-                return Err(corrupt(format!("{n} bytes is too large for a key file")))
-            }
-        };
-        let pem = std::str::from_utf8(&bytes)
-            .map_err(|_| corrupt("not a PEM file (not UTF-8 text)".into()))?;
-        SecretKey::from_pkcs8_pem(pem)
-            .map_err(|e| corrupt(format!("not a PKCS#8 PEM P-256 private key ({e})")))
+        let bytes = self.keys.read(name)?;
+        let pem = std::str::from_utf8(&bytes).map_err(|_| self.corrupt(name, KeyFault::NotText))?;
+        SecretKey::from_pkcs8_pem(pem).map_err(|e| self.corrupt(name, KeyFault::NotPkcs8(e)))
     }
 }
 
@@ -72,24 +65,17 @@ impl KeyStore for FileKeyStore {
     }
 
     fn create(&mut self, name: &KeyName) -> Result<PublicKeyBytes, HalError> {
-        let path = self.key_path(name);
-        // Checked first so an existing key costs no key generation; create_new re-checks
+        // Checked first so an existing key costs no key generation; the create re-checks
         // atomically.
-        if path.exists() {
+        if self.key_path(name).exists() {
             return Err(HalError::KeyExists(name.to_string()));
         }
         let secret = SecretKey::random(&mut rand_core::OsRng);
         let pem = secret
             .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| HalError::KeyCorrupt {
-                name: name.to_string(),
-                detail: format!("PKCS#8 encoding failed: {e}"),
-            })?;
-        match fsutil::create_new(&self.dir, &path, pem.as_bytes()) {
-            Ok(()) => Ok(PublicKeyBytes::from(&secret.public_key())),
-            Err(CreateError::Exists) => Err(HalError::KeyExists(name.to_string())),
-            Err(CreateError::Hal(e)) => Err(e),
-        }
+            .map_err(|e| self.corrupt(name, KeyFault::Pkcs8Encode(e)))?;
+        self.keys.create(name, pem.as_bytes())?;
+        Ok(PublicKeyBytes::from(&secret.public_key()))
     }
 
     fn public_key(&mut self, name: &KeyName) -> Result<PublicKeyBytes, HalError> {
@@ -99,28 +85,26 @@ impl KeyStore for FileKeyStore {
     fn sign_digest(&mut self, name: &KeyName, digest: &Digest) -> Result<Signature, HalError> {
         let signing_key = SigningKey::from(self.load(name)?);
         // RFC 6979 deterministic nonce; p256 does not normalise S itself.
-        let sig: p256::ecdsa::Signature =
-            signing_key
-                .sign_prehash(&digest.0)
-                .map_err(|e| HalError::KeyCorrupt {
-                    name: name.to_string(),
-                    detail: format!("signing failed: {e}"),
-                })?;
+        let sig: p256::ecdsa::Signature = signing_key
+            .sign_prehash(&digest.0)
+            .map_err(|e| self.corrupt(name, KeyFault::Sign(e)))?;
         let sig = sig.normalize_s().unwrap_or(sig);
         Ok(Signature(sig.to_bytes().into()))
     }
 
     fn delete(&mut self, name: &KeyName) -> Result<(), HalError> {
-        fsutil::remove(&self.dir, &self.key_path(name))
+        self.keys.remove(name)
     }
 
     fn list(&self) -> Result<Vec<KeyName>, HalError> {
-        fsutil::list(&self.dir, EXT)
+        self.keys.list()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
     use p256::ecdsa::signature::hazmat::PrehashVerifier;
 

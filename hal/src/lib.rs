@@ -2,25 +2,33 @@
 //!
 //! A [`KeyStore`] holds named P-256 signing keys. Keys are referenced by name and never exported:
 //! the only operations are create, read the public key, sign a SHA-256 digest, delete and list.
-//! Backends: [`file`] (PKCS#8 PEM, for development and devices without a TPM) and `tpm`
+//! Backends: [`file`](mod@file) (PKCS#8 PEM, for development and devices without a TPM) and `tpm`
 //! (tss-esapi; keys live in the TPM, only wrapped blobs are stored).
 //!
 //! The signing path uses fixed-size types ([`Digest`], [`Signature`], [`PublicKeyBytes`],
 //! [`KeyName`]) so it does not allocate.
 
+#![forbid(unsafe_code)]
+#![deny(unreachable_pub)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod backend;
 mod config;
 pub mod error;
 pub mod file;
-mod fsutil;
+mod key_dir;
+mod secret;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 mod types;
 
 use std::path::Path;
 
-pub use config::{read_secret, tpm_present, Parent, TpmConfig, DEFAULT_TCTI};
-pub use error::HalError;
+pub use backend::{default_backend, tpm_present, tpm_supported};
+pub use config::{Parent, TpmConfig, DEFAULT_TCTI};
+pub use error::{Absence, AuthTarget, ConfigError, HalError, KeyFault, TpmFault, TpmResponse};
 pub use file::FileKeyStore;
+pub use secret::read_secret;
 #[cfg(feature = "tpm")]
 pub use tpm::TpmKeyStore;
 pub use types::{Backend, Digest, KeyName, PublicKeyBytes, Signature};

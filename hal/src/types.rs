@@ -28,9 +28,13 @@ impl fmt::Debug for Signature {
 
 /// A P-256 public key as an uncompressed SEC1 point (0x04 ‖ x ‖ y).
 ///
-/// Invariant: always a valid point on the curve (checked on construction).
+/// Invariant: always a valid point on the curve (checked on construction), kept both as its
+/// encoding and as the decoded key, so neither view can fail later.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct PublicKeyBytes([u8; 65]);
+pub struct PublicKeyBytes {
+    sec1: [u8; 65],
+    key: p256::PublicKey,
+}
 
 impl PublicKeyBytes {
     /// Builds from the affine coordinates, checking the point is on the curve.
@@ -49,12 +53,11 @@ impl PublicKeyBytes {
     }
 
     pub fn as_bytes(&self) -> &[u8; 65] {
-        &self.0
+        &self.sec1
     }
 
     pub fn to_p256(&self) -> p256::PublicKey {
-        // The invariant says this is a valid point; from_sec1 checked it.
-        p256::PublicKey::from_sec1_bytes(&self.0).expect("PublicKeyBytes holds a valid point")
+        self.key
     }
 }
 
@@ -62,16 +65,16 @@ impl From<&p256::PublicKey> for PublicKeyBytes {
     fn from(pk: &p256::PublicKey) -> Self {
         use p256::elliptic_curve::sec1::ToEncodedPoint;
         let ep = pk.to_encoded_point(false);
-        let mut b = [0u8; 65];
-        b.copy_from_slice(ep.as_bytes());
-        PublicKeyBytes(b)
+        let mut sec1 = [0u8; 65];
+        sec1.copy_from_slice(ep.as_bytes());
+        PublicKeyBytes { sec1, key: *pk }
     }
 }
 
 impl fmt::Debug for PublicKeyBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKeyBytes(")?;
-        for b in &self.0[1..9] {
+        for b in &self.sec1[1..9] {
             write!(f, "{b:02x}")?;
         }
         write!(f, "..)")

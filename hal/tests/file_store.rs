@@ -79,9 +79,13 @@ fn corrupt_or_truncated_file_is_key_corrupt_naming_the_file() {
             store.public_key(&name("k")).unwrap_err(),
         ] {
             match &err {
-                HalError::KeyCorrupt { name, detail } => {
+                HalError::KeyCorrupt { name, path: p, .. } => {
                     assert_eq!(name, "k");
-                    assert!(detail.contains(&path.display().to_string()), "{err}");
+                    assert_eq!(p, &path);
+                    assert!(
+                        err.to_string().contains(&path.display().to_string()),
+                        "{err}"
+                    );
                 }
                 other => panic!("expected KeyCorrupt, got {other:?}"),
             }
@@ -130,4 +134,14 @@ fn factory_opens_file_backend() {
     let pk = store.create(&name("k")).unwrap();
     let d = Digest::of(b"m");
     assert_verifies(&pk, &d, &store.sign_digest(&name("k"), &d).unwrap());
+}
+
+#[cfg(not(feature = "tpm"))]
+#[test]
+fn a_build_without_tpm_support_refuses_the_tpm_and_never_defaults_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let res = open_store(Backend::Tpm, dir.path(), None);
+    assert!(matches!(res, Err(HalError::TpmUnsupported)));
+    assert!(!boundkey_hal::tpm_supported());
+    assert_eq!(boundkey_hal::default_backend(), Backend::File);
 }

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use boundkey_hal::tpm::KeyBlob;
 use boundkey_hal::{
-    open_store, Backend, Digest, HalError, KeyName, KeyStore, Parent, TpmConfig, TpmKeyStore,
+    open_store, AuthTarget, Backend, Digest, HalError, KeyName, KeyStore, Parent, TpmConfig,
+    TpmFault, TpmKeyStore,
 };
 use boundkey_testkit::Swtpm;
 use common::{assert_verifies, mode};
@@ -102,10 +103,14 @@ fn blob_from_another_tpm_is_key_corrupt() {
     let err = b.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
     eprintln!("foreign blob: {err}");
     match &err {
-        HalError::KeyCorrupt { name, detail } => {
+        HalError::KeyCorrupt { name, path: p, .. } => {
             assert_eq!(name, "k");
             let path = dir_b.path().join("k.tpmkey");
-            assert!(detail.contains(&path.display().to_string()), "{err}");
+            assert_eq!(p, &path);
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
         }
         other => panic!("expected KeyCorrupt, got {other:?} ({other})"),
     }
@@ -138,9 +143,13 @@ fn damaged_key_file_is_key_corrupt_naming_the_file() {
         std::fs::write(&path, &damaged).unwrap();
         let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
         match &err {
-            HalError::KeyCorrupt { name, detail } => {
+            HalError::KeyCorrupt { name, path: p, .. } => {
                 assert_eq!(name, "k");
-                assert!(detail.contains(&path.display().to_string()), "{err}");
+                assert_eq!(p, &path);
+                assert!(
+                    err.to_string().contains(&path.display().to_string()),
+                    "{err}"
+                );
             }
             other => panic!("expected KeyCorrupt, got {other:?} ({other})"),
         }
@@ -209,7 +218,10 @@ fn wrong_key_auth_is_auth_failed() {
         let mut s = with_auth(auth);
         let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
         match &err {
-            HalError::AuthFailed { what } => assert!(what.contains("key k"), "{err}"),
+            HalError::AuthFailed { what } => {
+                assert_eq!(what, &AuthTarget::Key("k".into()), "{err}");
+                assert!(err.to_string().contains("key k"), "{err}");
+            }
             other => panic!("expected AuthFailed, got {other:?} ({other})"),
         }
         // The failed signature flushed the parent and the key.
@@ -263,7 +275,10 @@ fn owner_auth_is_used_for_the_primary() {
     let err = store(&tpm, dir.path()).create(&name("k")).unwrap_err();
     eprintln!("no owner auth: {err}");
     match &err {
-        HalError::AuthFailed { what } => assert!(what.contains("owner"), "{err}"),
+        HalError::AuthFailed { what } => {
+            assert_eq!(what, &AuthTarget::OwnerHierarchy, "{err}");
+            assert!(err.to_string().contains("owner"), "{err}");
+        }
         other => panic!("expected AuthFailed, got {other:?} ({other})"),
     }
     let mut s = TpmKeyStore::open(
@@ -290,7 +305,10 @@ fn tpm_killed_mid_ceremony_then_back() {
     let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
     eprintln!("after kill: {err}");
     assert!(
-        matches!(err, HalError::DeviceLost(_) | HalError::DeviceAbsent { .. }),
+        matches!(
+            err,
+            HalError::DeviceLost { .. } | HalError::DeviceAbsent { .. }
+        ),
         "{err:?}"
     );
     assert!(err.is_transient());
@@ -332,8 +350,8 @@ fn absent_tpm_is_device_absent() {
     .unwrap();
     let err = s.create(&name("k")).unwrap_err();
     match &err {
-        HalError::DeviceAbsent { detail, .. } => {
-            assert!(detail.contains("/nonexistent/tpmrm0"), "{err}")
+        HalError::DeviceAbsent { cause, .. } => {
+            assert!(cause.to_string().contains("/nonexistent/tpmrm0"), "{err}")
         }
         other => panic!("expected DeviceAbsent, got {other:?}"),
     }
@@ -378,9 +396,19 @@ fn persistent_parent_handle() {
     let err = s.sign_digest(&name("k"), &Digest::of(b"x")).unwrap_err();
     eprintln!("parent gone: {err}");
     assert!(
-        matches!(err, HalError::Tpm { ref detail, .. } if detail.contains("0x81000001")),
+        matches!(
+            err,
+            HalError::Tpm {
+                fault: TpmFault::ParentUnusable {
+                    parent: Parent::Persistent(0x8100_0001),
+                    ..
+                },
+                ..
+            }
+        ),
         "{err:?} ({err})"
     );
+    assert!(err.to_string().contains("0x81000001"), "{err}");
     // The same template under the same seed is the same key: the blob loads again.
     s.disconnect();
     provision();
