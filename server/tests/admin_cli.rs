@@ -1,6 +1,8 @@
 //! boundkeyctl and boundkey-authd behaviour that needs no ceremony: output shapes, validation,
 //! audit of admin actions, file modes, restart, storage errors, signals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -256,7 +258,7 @@ fn edits_change_spec_only_and_are_audited() {
     assert_eq!(updated.as_array().unwrap().len(), 2);
     assert_eq!(
         updated[0]["fields"]["created_by"].as_str().unwrap(),
-        format!("admin (uid {})", unsafe { libc::geteuid() })
+        format!("admin (uid {})", rustix::process::geteuid().as_raw())
     );
 }
 
@@ -383,7 +385,7 @@ fn storage_url_and_corrupt_database_errors() {
 #[test]
 fn sigterm_stops_cleanly() {
     let mut s = Server::start();
-    let st = s.signal_and_wait(libc::SIGTERM);
+    let st = s.signal_and_wait(Signal::TERM);
     assert!(st.success(), "exit status {st:?}");
     assert!(
         !data_path(&s, "admin.sock").exists(),
