@@ -263,15 +263,18 @@ impl CaType {
     }
 }
 
+/// A CA type name that is neither `identity` nor `join-state`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown CA type {0:?} (expected identity or join-state)")]
+pub struct UnknownCaType(pub String);
+
 impl std::str::FromStr for CaType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCaType;
+    fn from_str(s: &str) -> Result<Self, UnknownCaType> {
         match s {
             "identity" => Ok(CaType::Identity),
             "join-state" | "join_state" => Ok(CaType::JoinState),
-            o => Err(format!(
-                "unknown CA type {o:?} (expected identity or join-state)"
-            )),
+            o => Err(UnknownCaType(o.to_string())),
         }
     }
 }
