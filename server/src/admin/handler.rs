@@ -213,7 +213,7 @@ impl Handler<'_> {
             self.now
                 .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
         };
-        let (token, secret, uri) = match method {
+        let (token, credential, uri) = match method {
             JoinMethod::BoundKeypair => {
                 if r.max_joins.is_some() {
                     return Err(AdminError::bad_request(
@@ -237,10 +237,16 @@ impl Handler<'_> {
                     method,
                     token: token.name.clone(),
                     registration_secret: secret.clone(),
-                    endpoint: endpoint.clone(),
+                    endpoint,
                     ca_pin: Some(self.ctx.ca_pin),
                 };
-                (token, secret, uri)
+                let onboarding = token.spec.bound_keypair.as_ref().map(|b| &b.onboarding);
+                let credential = NewCredential::BoundKeypair {
+                    registration_secret: secret,
+                    initial_public_key: onboarding.and_then(|o| o.initial_public_key.clone()),
+                    must_register_before: onboarding.and_then(|o| o.must_register_before),
+                };
+                (token, credential, uri)
             }
             JoinMethod::Token => {
                 let bk_only = [
@@ -262,10 +268,14 @@ impl Handler<'_> {
                     method,
                     token: secret.clone(),
                     registration_secret: None,
-                    endpoint: endpoint.clone(),
+                    endpoint,
                     ca_pin: Some(self.ctx.ca_pin),
                 };
-                (token, Some(secret), uri)
+                let credential = NewCredential::Token {
+                    token: secret,
+                    max_joins: token.spec.max_joins,
+                };
+                (token, credential, uri)
             }
         };
         self.store().create_token(&token)?;
@@ -278,20 +288,6 @@ impl Handler<'_> {
             JoinMethod::BoundKeypair => token.name.clone(),
         });
         self.store().append_audit(&ev)?;
-        let credential = match method {
-            JoinMethod::BoundKeypair => {
-                let onboarding = token.spec.bound_keypair.as_ref().map(|b| &b.onboarding);
-                NewCredential::BoundKeypair {
-                    registration_secret: secret,
-                    initial_public_key: onboarding.and_then(|o| o.initial_public_key.clone()),
-                    must_register_before: onboarding.and_then(|o| o.must_register_before),
-                }
-            }
-            JoinMethod::Token => NewCredential::Token {
-                token: secret.unwrap_or_default(),
-                max_joins: token.spec.max_joins,
-            },
-        };
         Ok(TokenCreated {
             name: token.name,
             bot_name: token.spec.bot_name,
