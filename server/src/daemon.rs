@@ -84,7 +84,11 @@ fn dir_err(path: &Path) -> impl Fn(io::Error) -> StartError + '_ {
 
 /// Creates the data directory (0700) or tightens an existing one.
 fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
-    boundkey_fs::ensure_dir(dir, 0o700).map_err(StartError::DataDir)?;
+    // An existing directory may be reached through a symlink the operator made; only a missing
+    // one is created (ensure_dir refuses anything but a real directory).
+    if !dir.is_dir() {
+        boundkey_fs::ensure_dir(dir, 0o700).map_err(StartError::DataDir)?;
+    }
     if boundkey_fs::tighten_dir(dir).map_err(StartError::DataDir)? {
         tracing::warn!(dir = %dir.display(), "data directory was accessible to others; removed group and other access");
     }

@@ -42,6 +42,25 @@ fn data_dir_admin_socket_and_ca_file_permissions() {
 }
 
 #[test]
+fn data_dir_through_a_symlink_is_used_tightened_and_locked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let s = Server::start_in(dir, link, &[]);
+    assert_eq!(file_mode(&real), 0o700, "group and other access removed");
+    assert!(real.join("ca.pem").exists());
+    assert_eq!(file_mode(&real.join("ca.pem")), 0o644);
+    // The lock file names the process holding it, for the second server's message.
+    let pid = std::fs::read_to_string(real.join("authd.lock")).unwrap();
+    assert_eq!(pid.trim(), s.pid().to_string());
+    s.ctl(&["info"]);
+}
+
+#[test]
 fn tokens_add_text_output_has_name_secret_and_uri() {
     let s = Server::start();
     let out = s.ctl_raw(&["bots", "add", "robot"]);
@@ -343,6 +362,11 @@ fn second_server_on_the_same_data_dir_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("(pid {})", s.pid())),
+        "{}",
+        stderr(&out)
+    );
     // The first one is unaffected.
     s.ctl(&["info"]);
 }
