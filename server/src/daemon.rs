@@ -2,7 +2,6 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +10,7 @@ use boundkey_auth::authority::{Authority, AuthorityState};
 use boundkey_auth::service::Service;
 use boundkey_auth::store::{Store, StoreError};
 use boundkey_auth::ServiceConfig;
+use boundkey_fs::{DirLock, FsError, LockError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -41,10 +41,10 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: io::Error },
-    #[error("another boundkey-authd is already running with data directory {0}")]
-    AlreadyRunning(PathBuf),
+    #[error("data directory {0}")]
+    DataDir(#[source] FsError),
+    #[error("another boundkey-authd is already running with data directory {}{}", dir.display(), pid.as_deref().map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    AlreadyRunning { dir: PathBuf, pid: Option<String> },
     #[error("invalid --cluster {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
     ClusterName(String),
     #[error(transparent)]
@@ -53,6 +53,8 @@ pub enum StartError {
     OpenStore(#[from] OpenStoreError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    #[error("start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error(
         "data directory {dir} belongs to cluster {stored:?}, not {requested:?} \
          (use --cluster {stored} or another --data-dir)"
@@ -66,8 +68,8 @@ pub enum StartError {
     Authority(#[from] boundkey_auth::authority::AuthorityError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("cannot write {path}: {source}")]
-    WriteFile { path: PathBuf, source: io::Error },
+    #[error("cannot write {0}")]
+    WriteFile(#[source] FsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: io::Error },
     #[error(transparent)]
@@ -77,75 +79,31 @@ pub enum StartError {
 }
 
 fn dir_err(path: &Path) -> impl Fn(io::Error) -> StartError + '_ {
-    move |source| StartError::DataDir {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StartError::DataDir(FsError::new(path, source))
 }
 
 /// Creates the data directory (0700) or tightens an existing one.
 fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(dir_err(dir))?;
-    let meta = std::fs::metadata(dir).map_err(dir_err(dir))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(dir = %dir.display(), "data directory was accessible to others; setting mode 0700");
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(dir_err(dir))?;
+    // An existing directory may be reached through a symlink the operator made; only a missing
+    // one is created (ensure_dir refuses anything but a real directory).
+    if !dir.is_dir() {
+        boundkey_fs::ensure_dir(dir, 0o700).map_err(StartError::DataDir)?;
+    }
+    if boundkey_fs::tighten_dir(dir).map_err(StartError::DataDir)? {
+        tracing::warn!(dir = %dir.display(), "data directory was accessible to others; removed group and other access");
     }
     Ok(())
 }
 
-use std::os::unix::fs::DirBuilderExt;
-
-/// Holds an exclusive `flock` on `DIR/authd.lock` for the life of the process, so two servers
-/// never share one data directory (they would fight over the admin socket).
-struct DirLock(#[allow(dead_code)] std::fs::File);
+/// File in the data directory whose `flock` marks it as in use: two servers never share one
+/// data directory (they would fight over the admin socket).
+const LOCK_NAME: &str = "authd.lock";
 
 fn lock_data_dir(dir: &Path) -> Result<DirLock, StartError> {
-    use std::os::fd::AsRawFd;
-    let path = dir.join("authd.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(dir_err(dir))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Err(StartError::AlreadyRunning(dir.to_path_buf()));
-        }
-        return Err(dir_err(dir)(e));
-    }
-    Ok(DirLock(f))
-}
-
-/// Writes via a temporary file and rename, so a reader never sees half a file.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StartError> {
-    let werr = |source| StartError::WriteFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(werr)?;
-        f.write_all(data).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-    }
-    std::fs::rename(&tmp, path).map_err(werr)
+    DirLock::acquire(dir, LOCK_NAME).map_err(|e| match e {
+        LockError::Busy { dir, pid } => StartError::AlreadyRunning { dir, pid },
+        LockError::Fs(e) => StartError::DataDir(e),
+    })
 }
 
 fn load_or_create_authority(
@@ -217,21 +175,19 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     };
     let store = {
         let storage = storage.clone();
-        tokio::task::spawn_blocking(move || storage.open())
-            .await
-            .map_err(|e| StartError::Store(StoreError::Backend(e.to_string())))??
+        tokio::task::spawn_blocking(move || storage.open()).await??
     };
     tracing::info!(%storage, "store opened");
     let state = {
         let (store, cluster, dir) = (store.clone(), opts.cluster.clone(), dir.clone());
         tokio::task::spawn_blocking(move || load_or_create_authority(&store, &cluster, &dir))
-            .await
-            .map_err(|e| StartError::Store(StoreError::Backend(e.to_string())))??
+            .await??
     };
     let ca_pin = state.ca_pin()?;
     let authority = Arc::new(Authority::load(&state)?);
     let ca_path = dir.join("ca.pem");
-    write_atomic(&ca_path, authority.tls_ca_pem().as_bytes(), 0o644)?;
+    boundkey_fs::write_atomic(&ca_path, authority.tls_ca_pem().as_bytes(), 0o644)
+        .map_err(StartError::WriteFile)?;
 
     let provider = tls::provider();
     let verifier = ReloadableClientVerifier::new(provider.clone(), &authority, crate::now())?;

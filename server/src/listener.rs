@@ -90,12 +90,36 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 /// How a connection's exchange ended, when it did not end with a `Close` action.
 enum Ending {
     /// The client closed the connection (or it broke).
-    Gone(String),
-    /// The client sent something unusable: tell it why, then close.
+    Gone(Gone),
+    /// The client sent something unusable, or the service failed: tell it why, then close.
     Refused {
         reply: ServerMessage,
-        reason: String,
+        reason: Refusal,
     },
+}
+
+/// Why the connection went away before the ceremony finished (recorded as the abort reason).
+#[derive(Debug, thiserror::Error)]
+enum Gone {
+    #[error("connection closed before the first message")]
+    BeforeFirstMessage,
+    #[error("connection closed mid-ceremony")]
+    MidCeremony,
+    #[error("read failed: {0}")]
+    Read(#[source] io::Error),
+    #[error("read failed mid-frame: {0}")]
+    ReadMidFrame(#[source] io::Error),
+    #[error("write failed: {0}")]
+    Write(#[source] io::Error),
+}
+
+/// Why the server refused to go on (recorded as the abort reason).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("refused frame: {0}")]
+    Frame(#[source] FrameError),
+    #[error("internal error")]
+    ServicePanicked,
 }
 
 fn unix_now() -> boundkey_auth::UnixTime {
@@ -145,11 +169,11 @@ async fn connection(
         Ok(Ok(())) => (None, None),
         Ok(Err(Ending::Gone(reason))) => {
             tracing::debug!(%peer, %reason, "connection ended before the ceremony finished");
-            (None, Some(reason))
+            (None, Some(reason.to_string()))
         }
         Ok(Err(Ending::Refused { reply, reason })) => {
             tracing::info!(%peer, %reason, "client refused");
-            (Some(reply), Some(reason))
+            (Some(reply), Some(reason.to_string()))
         }
         Err(_) => {
             tracing::info!(%peer, ?deadline, "ceremony deadline exceeded");
@@ -190,11 +214,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), Ending> {
     let first = match read_message(stream).await? {
         Some(m) => m,
-        None => {
-            return Err(Ending::Gone(
-                "connection closed before the first message".into(),
-            ))
-        }
+        None => return Err(Ending::Gone(Gone::BeforeFirstMessage)),
     };
     let mut action = {
         let service = service.clone();
@@ -214,14 +234,14 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         *mid_write = true;
         write_message(stream, &msg)
             .await
-            .map_err(|e| Ending::Gone(format!("write failed: {e}")))?;
+            .map_err(|e| Ending::Gone(Gone::Write(e)))?;
         *mid_write = false;
         if last {
             return Ok(());
         }
         let msg = match read_message(stream).await? {
             Some(m) => m,
-            None => return Err(Ending::Gone("connection closed mid-ceremony".into())),
+            None => return Err(Ending::Gone(Gone::MidCeremony)),
         };
         let session = session.clone();
         action = blocking(move || {
@@ -240,7 +260,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         tracing::error!(error = %e, "service call panicked");
         Ending::Refused {
             reply: ServerMessage::error(ErrorCode::Internal, "internal error; retry later"),
-            reason: "internal error".into(),
+            reason: Refusal::ServicePanicked,
         }
     })
 }
@@ -253,7 +273,7 @@ async fn read_message<S: AsyncRead + Unpin>(
     match stream.read_exact(&mut header).await {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(Ending::Gone(format!("read failed: {e}"))),
+        Err(e) => return Err(Ending::Gone(Gone::Read(e))),
     }
     // The length is checked before anything is allocated for the payload.
     let len = frame::payload_len(header).map_err(refuse)?;
@@ -261,7 +281,7 @@ async fn read_message<S: AsyncRead + Unpin>(
     stream
         .read_exact(&mut payload)
         .await
-        .map_err(|e| Ending::Gone(format!("read failed mid-frame: {e}")))?;
+        .map_err(|e| Ending::Gone(Gone::ReadMidFrame(e)))?;
     frame::decode_frame::<ClientMessage>(&payload)
         .map(Some)
         .map_err(refuse)
@@ -274,7 +294,7 @@ fn refuse(e: FrameError) -> Ending {
     };
     Ending::Refused {
         reply: ServerMessage::error(code, e.to_string()),
-        reason: format!("refused frame: {e}"),
+        reason: Refusal::Frame(e),
     }
 }
 
@@ -282,7 +302,7 @@ async fn write_message<S: AsyncWrite + Unpin>(
     stream: &mut S,
     msg: &ServerMessage,
 ) -> io::Result<()> {
-    let bytes = frame::encode_frame(msg).map_err(|e| io::Error::other(e.to_string()))?;
+    let bytes = frame::encode_frame(msg).map_err(io::Error::other)?;
     stream.write_all(&bytes).await?;
     stream.flush().await
 }

@@ -1,6 +1,8 @@
 //! boundkeyctl and boundkey-authd behaviour that needs no ceremony: output shapes, validation,
 //! audit of admin actions, file modes, restart, storage errors, signals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -37,6 +39,25 @@ fn data_dir_admin_socket_and_ca_file_permissions() {
     assert_eq!(info["cluster"], "test-cluster");
     assert_eq!(info["ca_pin"], s.ca_pin.as_str());
     assert_eq!(info["listen_addr"], s.addr.to_string());
+}
+
+#[test]
+fn data_dir_through_a_symlink_is_used_tightened_and_locked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let s = Server::start_in(dir, link, &[]);
+    assert_eq!(file_mode(&real), 0o700, "group and other access removed");
+    assert!(real.join("ca.pem").exists());
+    assert_eq!(file_mode(&real.join("ca.pem")), 0o644);
+    // The lock file names the process holding it, for the second server's message.
+    let pid = std::fs::read_to_string(real.join("authd.lock")).unwrap();
+    assert_eq!(pid.trim(), s.pid().to_string());
+    s.ctl(&["info"]);
 }
 
 #[test]
@@ -256,7 +277,7 @@ fn edits_change_spec_only_and_are_audited() {
     assert_eq!(updated.as_array().unwrap().len(), 2);
     assert_eq!(
         updated[0]["fields"]["created_by"].as_str().unwrap(),
-        format!("admin (uid {})", unsafe { libc::geteuid() })
+        format!("admin (uid {})", rustix::process::geteuid().as_raw())
     );
 }
 
@@ -341,6 +362,11 @@ fn second_server_on_the_same_data_dir_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("(pid {})", s.pid())),
+        "{}",
+        stderr(&out)
+    );
     // The first one is unaffected.
     s.ctl(&["info"]);
 }
@@ -383,7 +409,7 @@ fn storage_url_and_corrupt_database_errors() {
 #[test]
 fn sigterm_stops_cleanly() {
     let mut s = Server::start();
-    let st = s.signal_and_wait(libc::SIGTERM);
+    let st = s.signal_and_wait(Signal::TERM);
     assert!(st.success(), "exit status {st:?}");
     assert!(
         !data_path(&s, "admin.sock").exists(),

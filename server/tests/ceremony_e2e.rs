@@ -1,6 +1,8 @@
 //! End-to-end: a real boundkey-authd process, real TLS, real SQLite file, and the test agent in
 //! `common` performing real ceremonies.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -657,7 +659,7 @@ async fn sigterm_lets_an_in_flight_ceremony_finish() {
         Some(ServerMessage::RotationRequest(_))
     ));
 
-    s.signal(libc::SIGTERM);
+    s.signal(Signal::TERM);
     // Shutdown has begun once the listener stops accepting.
     wait_for(T, || s.log().contains("stopped accepting").then_some(()));
     assert!(

@@ -2,6 +2,8 @@
 //! token interleaved step by step. Exactly one commits; the other gets `conflict` and leaves
 //! nothing behind.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use boundkey_auth::admin::{new_bound_keypair_token, NewBoundKeypairToken};

@@ -13,7 +13,13 @@ use boundkey_auth::UnixTime;
 use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
 use serde_json::{json, Value};
 
-use super::{views, AdminError, CaType, ErrorKind, LocksAdd, Request, TokensAdd, TokensEdit};
+use super::views::{
+    BotDeleted, BotSummary, CaRotated, InstanceDeleted, InstanceView, LockDeleted, LockView,
+    NewCredential, ServerInfo, TokenCreated, TokenDeleted, TokenView,
+};
+use super::{
+    AdminError, AuditLs, CaRotate, ErrorKind, LocksAdd, Operation, Request, TokensAdd, TokensEdit,
+};
 
 /// How often a spec edit is retried when a ceremony bumped the token's revision meanwhile.
 const EDIT_ATTEMPTS: usize = 10;
@@ -45,6 +51,8 @@ impl Caller {
     }
 }
 
+/// Carries out one request and encodes its answer. Each arm goes through [`reply`], which only
+/// accepts the operation's own `Answer` type.
 pub fn handle(
     ctx: &AdminContext,
     caller: Caller,
@@ -53,41 +61,38 @@ pub fn handle(
 ) -> Result<Value, AdminError> {
     let h = Handler { ctx, caller, now };
     match req {
-        Request::Info => h.info(),
-        Request::BotsAdd { name } => h.bots_add(&name),
-        Request::BotsLs => h.bots_ls(),
-        Request::BotsRm { name } => h.bots_rm(&name),
-        Request::TokensAdd(r) => h.tokens_add(r),
-        Request::TokensLs { bot } => h.tokens_ls(bot.as_deref()),
-        Request::TokensShow { name } => Ok(views::token(&h.token(&name)?)),
-        Request::TokensEdit(r) => h.tokens_edit(r),
-        Request::TokensRm { name } => h.tokens_rm(&name),
-        Request::RequestRotation { token } => h.request_rotation(&token),
-        Request::InstancesLs { bot } => h.instances_ls(bot.as_deref()),
-        Request::InstancesShow { id } => {
-            let i = h
-                .store()
-                .get_instance(&id)?
-                .ok_or_else(|| AdminError::not_found(format!("bot instance {id} not found")))?;
-            Ok(views::instance(&i, now))
-        }
-        Request::InstancesRm { id } => h.instances_rm(&id),
-        Request::LocksAdd(r) => h.locks_add(r),
-        Request::LocksLs => h.locks_ls(),
-        Request::LocksRm { name } => h.locks_rm(&name),
-        Request::AuditLs { kind, limit, since } => {
-            let events = h.store().list_audit(&AuditQuery {
-                kind,
-                since,
-                limit: Some(limit.unwrap_or(DEFAULT_AUDIT_LIMIT)),
-            })?;
-            Ok(json!(events))
-        }
-        Request::CaRotate {
-            kind,
-            grace_period_secs,
-        } => h.ca_rotate(kind, grace_period_secs),
+        Request::Info(op) => reply(op, |_| h.info()),
+        Request::BotsAdd(op) => reply(op, |op| h.bots_add(&op.name)),
+        Request::BotsLs(op) => reply(op, |_| h.bots_ls()),
+        Request::BotsRm(op) => reply(op, |op| h.bots_rm(&op.name)),
+        Request::TokensAdd(op) => reply(op, |op| h.tokens_add(op)),
+        Request::TokensLs(op) => reply(op, |op| h.tokens_ls(op.bot.as_deref())),
+        Request::TokensShow(op) => reply(op, |op| Ok(TokenView::from(&h.token(&op.name)?))),
+        Request::TokensEdit(op) => reply(op, |op| h.tokens_edit(op)),
+        Request::TokensRm(op) => reply(op, |op| h.tokens_rm(&op.name)),
+        Request::RequestRotation(op) => reply(op, |op| h.request_rotation(&op.token)),
+        Request::InstancesLs(op) => reply(op, |op| h.instances_ls(op.bot.as_deref())),
+        Request::InstancesShow(op) => reply(op, |op| {
+            let i = h.instance(&op.id)?;
+            Ok(InstanceView::new(&i, now))
+        }),
+        Request::InstancesRm(op) => reply(op, |op| h.instances_rm(&op.id)),
+        Request::LocksAdd(op) => reply(op, |op| h.locks_add(op)),
+        Request::LocksLs(op) => reply(op, |_| h.locks_ls()),
+        Request::LocksRm(op) => reply(op, |op| h.locks_rm(&op.name)),
+        Request::AuditLs(op) => reply(op, |op| h.audit_ls(op)),
+        Request::CaRotate(op) => reply(op, |op| h.ca_rotate(op)),
     }
+}
+
+/// Runs `f` and encodes its answer, which must be `O`'s declared answer type.
+fn reply<O: Operation>(
+    op: O,
+    f: impl FnOnce(O) -> Result<O::Answer, AdminError>,
+) -> Result<Value, AdminError> {
+    let answer = f(op)?;
+    serde_json::to_value(answer)
+        .map_err(|e| AdminError::internal(format!("cannot encode the answer: {e}")))
 }
 
 struct Handler<'a> {
@@ -111,6 +116,12 @@ impl Handler<'_> {
             .ok_or_else(|| AdminError::not_found(format!("token {name} not found")))
     }
 
+    fn instance(&self, id: &str) -> Result<boundkey_auth::model::BotInstance, AdminError> {
+        self.store()
+            .get_instance(id)?
+            .ok_or_else(|| AdminError::not_found(format!("bot instance {id} not found")))
+    }
+
     /// Where agents should connect: the listener's address, with a wildcard bind replaced by
     /// this machine's host name.
     fn default_server(&self) -> Endpoint {
@@ -123,18 +134,17 @@ impl Handler<'_> {
         Endpoint::new(host, a.port())
     }
 
-    fn info(&self) -> Result<Value, AdminError> {
-        let endpoint = self.default_server();
-        Ok(json!({
-            "cluster": self.ctx.service.authority().cluster(),
-            "ca_pin": self.ctx.ca_pin.to_string(),
-            "listen_addr": self.ctx.listen_addr.to_string(),
-            "auth_server": endpoint.to_string(),
-            "version": env!("CARGO_PKG_VERSION"),
-        }))
+    fn info(&self) -> Result<ServerInfo, AdminError> {
+        Ok(ServerInfo {
+            cluster: self.ctx.service.authority().cluster().to_string(),
+            ca_pin: self.ctx.ca_pin,
+            listen_addr: self.ctx.listen_addr,
+            auth_server: self.default_server(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
     }
 
-    fn bots_add(&self, name: &str) -> Result<Value, AdminError> {
+    fn bots_add(&self, name: &str) -> Result<Bot, AdminError> {
         rules::validate_name(name)?;
         let bot = Bot {
             name: name.into(),
@@ -144,33 +154,29 @@ impl Handler<'_> {
         let mut ev = self.audit(event::BOT_CREATED);
         ev.bot_name = Some(name.into());
         self.store().append_audit(&ev)?;
-        Ok(json!(bot))
+        Ok(bot)
     }
 
-    fn bots_ls(&self) -> Result<Value, AdminError> {
+    fn bots_ls(&self) -> Result<Vec<BotSummary>, AdminError> {
         let bots = self.store().list_bots()?;
         let tokens = self.store().list_tokens()?;
         let instances = self.store().list_instances(None)?;
-        Ok(Value::Array(
-            bots.iter()
-                .map(|b| {
-                    let active = instances
-                        .iter()
-                        .filter(|i| i.spec.bot_name == b.name && !i.is_expired(self.now))
-                        .count();
-                    json!({
-                        "name": b.name,
-                        "created_at": b.created_at,
-                        "tokens": tokens.iter().filter(|t| t.spec.bot_name == b.name).count(),
-                        "instances": instances.iter().filter(|i| i.spec.bot_name == b.name).count(),
-                        "active_instances": active,
-                    })
-                })
-                .collect(),
-        ))
+        Ok(bots
+            .into_iter()
+            .map(|b| {
+                let of_bot = || instances.iter().filter(|i| i.spec.bot_name == b.name);
+                BotSummary {
+                    tokens: tokens.iter().filter(|t| t.spec.bot_name == b.name).count(),
+                    instances: of_bot().count(),
+                    active_instances: of_bot().filter(|i| !i.is_expired(self.now)).count(),
+                    created_at: b.created_at,
+                    name: b.name,
+                }
+            })
+            .collect())
     }
 
-    fn bots_rm(&self, name: &str) -> Result<Value, AdminError> {
+    fn bots_rm(&self, name: &str) -> Result<BotDeleted, AdminError> {
         let tokens = self
             .store()
             .list_tokens()?
@@ -187,10 +193,14 @@ impl Handler<'_> {
             .field("instances_deleted", instances);
         ev.bot_name = Some(name.into());
         self.store().append_audit(&ev)?;
-        Ok(json!({ "name": name, "tokens_deleted": tokens, "instances_deleted": instances }))
+        Ok(BotDeleted {
+            name: name.into(),
+            tokens_deleted: tokens,
+            instances_deleted: instances,
+        })
     }
 
-    fn tokens_add(&self, r: TokensAdd) -> Result<Value, AdminError> {
+    fn tokens_add(&self, r: TokensAdd) -> Result<TokenCreated, AdminError> {
         if self.store().get_bot(&r.bot)?.is_none() {
             return Err(AdminError::not_found(format!(
                 "bot {} not found; create it first with `boundkeyctl bots add {}`",
@@ -198,17 +208,12 @@ impl Handler<'_> {
             )));
         }
         let method = r.join_method.unwrap_or(JoinMethod::BoundKeypair);
-        let endpoint = match &r.auth_server {
-            Some(s) => s
-                .parse::<Endpoint>()
-                .map_err(|e| AdminError::bad_request(format!("invalid --auth-server: {e}")))?,
-            None => self.default_server(),
-        };
+        let endpoint = r.auth_server.unwrap_or_else(|| self.default_server());
         let expires_in = |ttl: u64| {
             self.now
                 .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
         };
-        let (token, secret, uri) = match method {
+        let (token, credential, uri) = match method {
             JoinMethod::BoundKeypair => {
                 if r.max_joins.is_some() {
                     return Err(AdminError::bad_request(
@@ -232,10 +237,16 @@ impl Handler<'_> {
                     method,
                     token: token.name.clone(),
                     registration_secret: secret.clone(),
-                    endpoint: endpoint.clone(),
+                    endpoint,
                     ca_pin: Some(self.ctx.ca_pin),
                 };
-                (token, secret, uri)
+                let onboarding = token.spec.bound_keypair.as_ref().map(|b| &b.onboarding);
+                let credential = NewCredential::BoundKeypair {
+                    registration_secret: secret,
+                    initial_public_key: onboarding.and_then(|o| o.initial_public_key.clone()),
+                    must_register_before: onboarding.and_then(|o| o.must_register_before),
+                };
+                (token, credential, uri)
             }
             JoinMethod::Token => {
                 let bk_only = [
@@ -257,10 +268,14 @@ impl Handler<'_> {
                     method,
                     token: secret.clone(),
                     registration_secret: None,
-                    endpoint: endpoint.clone(),
+                    endpoint,
                     ca_pin: Some(self.ctx.ca_pin),
                 };
-                (token, Some(secret), uri)
+                let credential = NewCredential::Token {
+                    token: secret,
+                    max_joins: token.spec.max_joins,
+                };
+                (token, credential, uri)
             }
         };
         self.store().create_token(&token)?;
@@ -273,44 +288,23 @@ impl Handler<'_> {
             JoinMethod::BoundKeypair => token.name.clone(),
         });
         self.store().append_audit(&ev)?;
-        let mut out = json!({
-            "name": token.name,
-            "bot_name": token.spec.bot_name,
-            "join_method": method,
-            "expires": token.spec.expires,
-            "join_uri": uri.to_string(),
-        });
-        match method {
-            JoinMethod::BoundKeypair => {
-                out["registration_secret"] = json!(secret);
-                out["initial_public_key"] = json!(token
-                    .spec
-                    .bound_keypair
-                    .as_ref()
-                    .and_then(|b| b.onboarding.initial_public_key.clone()));
-                out["must_register_before"] = json!(token
-                    .spec
-                    .bound_keypair
-                    .as_ref()
-                    .and_then(|b| b.onboarding.must_register_before));
-            }
-            JoinMethod::Token => {
-                out["token"] = json!(secret);
-                out["max_joins"] = json!(token.spec.max_joins);
-            }
-        }
-        Ok(out)
+        Ok(TokenCreated {
+            name: token.name,
+            bot_name: token.spec.bot_name,
+            expires: token.spec.expires,
+            join_uri: uri,
+            credential,
+        })
     }
 
-    fn tokens_ls(&self, bot: Option<&str>) -> Result<Value, AdminError> {
-        Ok(Value::Array(
-            self.store()
-                .list_tokens()?
-                .iter()
-                .filter(|t| bot.is_none_or(|b| t.spec.bot_name == b))
-                .map(views::token)
-                .collect(),
-        ))
+    fn tokens_ls(&self, bot: Option<&str>) -> Result<Vec<TokenView>, AdminError> {
+        Ok(self
+            .store()
+            .list_tokens()?
+            .iter()
+            .filter(|t| bot.is_none_or(|b| t.spec.bot_name == b))
+            .map(TokenView::from)
+            .collect())
     }
 
     /// Applies `change` to the token's spec with a compare-and-swap, retrying when a ceremony
@@ -335,7 +329,7 @@ impl Handler<'_> {
         ))
     }
 
-    fn tokens_edit(&self, r: TokensEdit) -> Result<Value, AdminError> {
+    fn tokens_edit(&self, r: TokensEdit) -> Result<TokenView, AdminError> {
         let initial_key = match &r.initial_public_key {
             Some(Some(k)) => Some(Some(
                 boundkey_proto::parse_ssh_public_key(k)
@@ -410,10 +404,10 @@ impl Handler<'_> {
         ev.bot_name = Some(t.spec.bot_name.clone());
         ev.token_name = Some(t.name.clone());
         self.store().append_audit(&ev)?;
-        Ok(views::token(&t))
+        Ok(TokenView::from(&t))
     }
 
-    fn tokens_rm(&self, name: &str) -> Result<Value, AdminError> {
+    fn tokens_rm(&self, name: &str) -> Result<TokenDeleted, AdminError> {
         let t = self.token(name)?;
         if !self.store().delete_token(name)? {
             return Err(AdminError::not_found(format!("token {name} not found")));
@@ -425,10 +419,10 @@ impl Handler<'_> {
             JoinMethod::BoundKeypair => name.into(),
         });
         self.store().append_audit(&ev)?;
-        Ok(json!({ "name": name }))
+        Ok(TokenDeleted { name: name.into() })
     }
 
-    fn request_rotation(&self, name: &str) -> Result<Value, AdminError> {
+    fn request_rotation(&self, name: &str) -> Result<TokenView, AdminError> {
         let t = self.edit_spec(name, |t| Ok(rules::request_rotation(t, self.now)?))?;
         let rotate_after = t.spec.bound_keypair.as_ref().and_then(|b| b.rotate_after);
         let mut ev = self
@@ -438,24 +432,20 @@ impl Handler<'_> {
         ev.bot_name = Some(t.spec.bot_name.clone());
         ev.token_name = Some(t.name.clone());
         self.store().append_audit(&ev)?;
-        Ok(views::token(&t))
+        Ok(TokenView::from(&t))
     }
 
-    fn instances_ls(&self, bot: Option<&str>) -> Result<Value, AdminError> {
-        Ok(Value::Array(
-            self.store()
-                .list_instances(bot)?
-                .iter()
-                .map(|i| views::instance(i, self.now))
-                .collect(),
-        ))
-    }
-
-    fn instances_rm(&self, id: &str) -> Result<Value, AdminError> {
-        let i = self
+    fn instances_ls(&self, bot: Option<&str>) -> Result<Vec<InstanceView>, AdminError> {
+        Ok(self
             .store()
-            .get_instance(id)?
-            .ok_or_else(|| AdminError::not_found(format!("bot instance {id} not found")))?;
+            .list_instances(bot)?
+            .iter()
+            .map(|i| InstanceView::new(i, self.now))
+            .collect())
+    }
+
+    fn instances_rm(&self, id: &str) -> Result<InstanceDeleted, AdminError> {
+        let i = self.instance(id)?;
         if !self.store().delete_instance(id)? {
             return Err(AdminError::not_found(format!(
                 "bot instance {id} not found"
@@ -465,10 +455,12 @@ impl Handler<'_> {
         ev.bot_name = Some(i.spec.bot_name);
         ev.instance_id = Some(id.into());
         self.store().append_audit(&ev)?;
-        Ok(json!({ "instance_id": id }))
+        Ok(InstanceDeleted {
+            instance_id: id.into(),
+        })
     }
 
-    fn locks_add(&self, r: LocksAdd) -> Result<Value, AdminError> {
+    fn locks_add(&self, r: LocksAdd) -> Result<LockView, AdminError> {
         if r.target.value().is_empty() {
             return Err(AdminError::bad_request("lock target is empty"));
         }
@@ -511,20 +503,19 @@ impl Handler<'_> {
             LockTarget::JoinToken(t) => ev.token_name = Some(t.clone()),
         }
         self.store().append_audit(&ev)?;
-        Ok(views::lock(&lock, self.now))
+        Ok(LockView::new(&lock, self.now))
     }
 
-    fn locks_ls(&self) -> Result<Value, AdminError> {
-        Ok(Value::Array(
-            self.store()
-                .list_locks()?
-                .iter()
-                .map(|l| views::lock(l, self.now))
-                .collect(),
-        ))
+    fn locks_ls(&self) -> Result<Vec<LockView>, AdminError> {
+        Ok(self
+            .store()
+            .list_locks()?
+            .iter()
+            .map(|l| LockView::new(l, self.now))
+            .collect())
     }
 
-    fn locks_rm(&self, name: &str) -> Result<Value, AdminError> {
+    fn locks_rm(&self, name: &str) -> Result<LockDeleted, AdminError> {
         let lock = self
             .store()
             .list_locks()?
@@ -540,17 +531,29 @@ impl Handler<'_> {
             .field("target", lock.target.kind())
             .field("target_value", lock.target.value());
         self.store().append_audit(&ev)?;
-        Ok(json!({ "name": name }))
+        Ok(LockDeleted { name: name.into() })
     }
 
-    fn ca_rotate(&self, kind: CaType, grace: u64) -> Result<Value, AdminError> {
+    fn audit_ls(&self, q: AuditLs) -> Result<Vec<AuditEvent>, AdminError> {
+        Ok(self.store().list_audit(&AuditQuery {
+            kind: q.kind,
+            since: q.since,
+            limit: Some(q.limit.unwrap_or(DEFAULT_AUDIT_LIMIT)),
+        })?)
+    }
+
+    fn ca_rotate(&self, op: CaRotate) -> Result<CaRotated, AdminError> {
+        let CaRotate {
+            kind,
+            grace_period_secs: grace,
+        } = op;
         let (mut state, rev): (AuthorityState, u64) = self
             .store()
             .load_authority()?
             .ok_or_else(|| AdminError::internal("the store holds no CA state"))?;
         let ca_kind = match kind {
-            CaType::Identity => CaKind::Identity,
-            CaType::JoinState => CaKind::JoinState,
+            super::CaType::Identity => CaKind::Identity,
+            super::CaType::JoinState => CaKind::JoinState,
         };
         let kid = state
             .rotate(ca_kind, grace, self.now)
@@ -571,10 +574,7 @@ impl Handler<'_> {
             })?;
         self.ctx.service.replace_authority(authority.clone());
         (self.ctx.on_authority_change)(&authority);
-        let type_str = match kind {
-            CaType::Identity => "identity",
-            CaType::JoinState => "join_state",
-        };
+        let type_str = kind.as_str();
         let trusted_until = self
             .now
             .saturating_add(i64::try_from(grace).unwrap_or(i64::MAX));
@@ -586,11 +586,11 @@ impl Handler<'_> {
             .field("previous_trusted_until", trusted_until);
         self.store().append_audit(&ev)?;
         tracing::info!(r#type = type_str, %kid, grace_secs = grace, "CA rotated");
-        Ok(json!({
-            "type": type_str,
-            "kid": kid,
-            "grace_period_secs": grace,
-            "previous_trusted_until": trusted_until,
-        }))
+        Ok(CaRotated {
+            kind,
+            kid,
+            grace_period_secs: grace,
+            previous_trusted_until: trusted_until,
+        })
     }
 }

@@ -1,18 +1,25 @@
 //! The admin API: one JSON request line in, one JSON response line out, over the Unix socket
 //! `DATA_DIR/admin.sock`. `docs/operations.md` documents every operation.
 //!
-//! The request and response types live here so that `boundkeyctl` and the server cannot drift
-//! apart.
+//! Every operation is a type implementing [`Operation`], whose `Answer` is the view it gets back
+//! (`views`). The handler must produce exactly that type and `boundkeyctl` decodes exactly that
+//! type, so the two cannot drift apart.
 
-use boundkey_auth::model::LockTarget;
+use boundkey_auth::model::{AuditEvent, Bot, LockTarget};
 use boundkey_proto::claims::RecoveryMode;
-use boundkey_proto::{JoinMethod, UnixTime};
+use boundkey_proto::{Endpoint, JoinMethod, UnixTime};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub mod client;
 pub mod handler;
 pub mod socket;
 pub mod views;
+
+use views::{
+    BotDeleted, BotSummary, CaRotated, InstanceDeleted, InstanceView, LockDeleted, LockView,
+    ServerInfo, TokenCreated, TokenDeleted, TokenView,
+};
 
 /// File name of the admin socket inside the data directory.
 pub const SOCKET_NAME: &str = "admin.sock";
@@ -29,89 +36,214 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// One admin operation. `Answer` is the only shape its successful result may take: the handler
+/// is typed to return it and the client decodes it.
+pub trait Operation: Into<Request> {
+    type Answer: Serialize + DeserializeOwned;
+}
+
+/// A request line. Each variant wraps its operation's parameters; `op` names it on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", deny_unknown_fields)]
+#[serde(tag = "op")]
 pub enum Request {
-    /// Cluster name, CA pin and listener address.
     #[serde(rename = "info")]
-    Info,
+    Info(Info),
     #[serde(rename = "bots.add")]
-    BotsAdd { name: String },
+    BotsAdd(BotsAdd),
     #[serde(rename = "bots.ls")]
-    BotsLs,
+    BotsLs(BotsLs),
     #[serde(rename = "bots.rm")]
-    BotsRm { name: String },
+    BotsRm(BotsRm),
     #[serde(rename = "tokens.add")]
     TokensAdd(TokensAdd),
     #[serde(rename = "tokens.ls")]
-    TokensLs {
-        #[serde(default)]
-        bot: Option<String>,
-    },
+    TokensLs(TokensLs),
     #[serde(rename = "tokens.show")]
-    TokensShow { name: String },
+    TokensShow(TokensShow),
     #[serde(rename = "tokens.edit")]
     TokensEdit(TokensEdit),
     #[serde(rename = "tokens.rm")]
-    TokensRm { name: String },
+    TokensRm(TokensRm),
     #[serde(rename = "bound_keypair.request_rotation")]
-    RequestRotation { token: String },
+    RequestRotation(RequestRotation),
     #[serde(rename = "instances.ls")]
-    InstancesLs {
-        #[serde(default)]
-        bot: Option<String>,
-    },
+    InstancesLs(InstancesLs),
     #[serde(rename = "instances.show")]
-    InstancesShow { id: String },
+    InstancesShow(InstancesShow),
     #[serde(rename = "instances.rm")]
-    InstancesRm { id: String },
+    InstancesRm(InstancesRm),
     #[serde(rename = "locks.add")]
     LocksAdd(LocksAdd),
     #[serde(rename = "locks.ls")]
-    LocksLs,
+    LocksLs(LocksLs),
     #[serde(rename = "locks.rm")]
-    LocksRm { name: String },
+    LocksRm(LocksRm),
     #[serde(rename = "audit.ls")]
-    AuditLs {
-        #[serde(default, rename = "type")]
-        kind: Option<String>,
-        #[serde(default)]
-        limit: Option<usize>,
-        #[serde(default)]
-        since: Option<UnixTime>,
-    },
+    AuditLs(AuditLs),
     #[serde(rename = "ca.rotate")]
-    CaRotate {
-        #[serde(rename = "type")]
-        kind: CaType,
-        grace_period_secs: u64,
-    },
+    CaRotate(CaRotate),
 }
 
 impl Request {
     /// The `op` string, for logs (the request itself may carry a secret).
     pub fn op(&self) -> &'static str {
         match self {
-            Request::Info => "info",
-            Request::BotsAdd { .. } => "bots.add",
-            Request::BotsLs => "bots.ls",
-            Request::BotsRm { .. } => "bots.rm",
+            Request::Info(_) => "info",
+            Request::BotsAdd(_) => "bots.add",
+            Request::BotsLs(_) => "bots.ls",
+            Request::BotsRm(_) => "bots.rm",
             Request::TokensAdd(_) => "tokens.add",
-            Request::TokensLs { .. } => "tokens.ls",
-            Request::TokensShow { .. } => "tokens.show",
+            Request::TokensLs(_) => "tokens.ls",
+            Request::TokensShow(_) => "tokens.show",
             Request::TokensEdit(_) => "tokens.edit",
-            Request::TokensRm { .. } => "tokens.rm",
-            Request::RequestRotation { .. } => "bound_keypair.request_rotation",
-            Request::InstancesLs { .. } => "instances.ls",
-            Request::InstancesShow { .. } => "instances.show",
-            Request::InstancesRm { .. } => "instances.rm",
+            Request::TokensRm(_) => "tokens.rm",
+            Request::RequestRotation(_) => "bound_keypair.request_rotation",
+            Request::InstancesLs(_) => "instances.ls",
+            Request::InstancesShow(_) => "instances.show",
+            Request::InstancesRm(_) => "instances.rm",
             Request::LocksAdd(_) => "locks.add",
-            Request::LocksLs => "locks.ls",
-            Request::LocksRm { .. } => "locks.rm",
-            Request::AuditLs { .. } => "audit.ls",
-            Request::CaRotate { .. } => "ca.rotate",
+            Request::LocksLs(_) => "locks.ls",
+            Request::LocksRm(_) => "locks.rm",
+            Request::AuditLs(_) => "audit.ls",
+            Request::CaRotate(_) => "ca.rotate",
         }
     }
+}
+
+/// Declares each operation's answer and its place in [`Request`].
+macro_rules! operations {
+    ($($op:ident => $answer:ty,)*) => {
+        $(
+            impl Operation for $op {
+                type Answer = $answer;
+            }
+            impl From<$op> for Request {
+                fn from(op: $op) -> Request {
+                    Request::$op(op)
+                }
+            }
+        )*
+    };
+}
+
+operations! {
+    Info => ServerInfo,
+    BotsAdd => Bot,
+    BotsLs => Vec<BotSummary>,
+    BotsRm => BotDeleted,
+    TokensAdd => TokenCreated,
+    TokensLs => Vec<TokenView>,
+    TokensShow => TokenView,
+    TokensEdit => TokenView,
+    TokensRm => TokenDeleted,
+    RequestRotation => TokenView,
+    InstancesLs => Vec<InstanceView>,
+    InstancesShow => InstanceView,
+    InstancesRm => InstanceDeleted,
+    LocksAdd => LockView,
+    LocksLs => Vec<LockView>,
+    LocksRm => LockDeleted,
+    AuditLs => Vec<AuditEvent>,
+    CaRotate => CaRotated,
+}
+
+/// Cluster name, CA pin and listener address.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Info {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotsAdd {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotsLs {}
+
+/// Deletes the bot with all its tokens and instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotsRm {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensLs {
+    #[serde(default)]
+    pub bot: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensShow {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensRm {
+    pub name: String,
+}
+
+/// Makes the token's agent rotate its bound key at its next join or renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestRotation {
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesLs {
+    #[serde(default)]
+    pub bot: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesShow {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesRm {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocksLs {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocksRm {
+    pub name: String,
+}
+
+/// Audit events, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditLs {
+    /// Only events of this type (`bot.join`, `token.updated`, …).
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default)]
+    pub since: Option<UnixTime>,
+}
+
+/// Replaces a CA key; the old key stays trusted for the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaRotate {
+    #[serde(rename = "type")]
+    pub kind: CaType,
+    pub grace_period_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,15 +253,28 @@ pub enum CaType {
     JoinState,
 }
 
+impl CaType {
+    /// The wire name (also the audit field's value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaType::Identity => "identity",
+            CaType::JoinState => "join_state",
+        }
+    }
+}
+
+/// A CA type name that is neither `identity` nor `join-state`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown CA type {0:?} (expected identity or join-state)")]
+pub struct UnknownCaType(pub String);
+
 impl std::str::FromStr for CaType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCaType;
+    fn from_str(s: &str) -> Result<Self, UnknownCaType> {
         match s {
             "identity" => Ok(CaType::Identity),
             "join-state" | "join_state" => Ok(CaType::JoinState),
-            o => Err(format!(
-                "unknown CA type {o:?} (expected identity or join-state)"
-            )),
+            o => Err(UnknownCaType(o.to_string())),
         }
     }
 }
@@ -160,9 +305,9 @@ pub struct TokensAdd {
     /// Allow a `token`-method TTL above 7 days.
     #[serde(default)]
     pub force: bool,
-    /// `HOST:PORT` to put in the join URI instead of the listener's address.
+    /// Where the join URI sends agents instead of the listener's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auth_server: Option<String>,
+    pub auth_server: Option<Endpoint>,
 }
 
 /// Absent field: unchanged. `null`: cleared (for optional fields). Value: set.
@@ -304,6 +449,8 @@ impl Response {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
 
     #[test]
@@ -311,9 +458,9 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"op":"bots.add","name":"robot"}"#).unwrap();
         assert_eq!(
             r,
-            Request::BotsAdd {
+            Request::BotsAdd(BotsAdd {
                 name: "robot".into()
-            }
+            })
         );
         let r: Request =
             serde_json::from_str(r#"{"op":"locks.add","target":{"bot_instance_id":"i-1"}}"#)
@@ -331,13 +478,56 @@ mod tests {
         .unwrap();
         assert_eq!(
             r,
-            Request::CaRotate {
+            Request::CaRotate(CaRotate {
                 kind: CaType::JoinState,
                 grace_period_secs: 60
-            }
+            })
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"bots.add","name":"x","y":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn operations_without_parameters_are_just_the_op() {
+        for (line, op) in [
+            (r#"{"op":"info"}"#, Request::Info(Info {})),
+            (r#"{"op":"bots.ls"}"#, Request::BotsLs(BotsLs {})),
+            (r#"{"op":"locks.ls"}"#, Request::LocksLs(LocksLs {})),
+            (
+                r#"{"op":"tokens.ls"}"#,
+                Request::TokensLs(TokensLs { bot: None }),
+            ),
+            (
+                r#"{"op":"audit.ls","type":"bot.join","limit":3}"#,
+                Request::AuditLs(AuditLs {
+                    kind: Some("bot.join".into()),
+                    limit: Some(3),
+                    since: None,
+                }),
+            ),
+        ] {
+            assert_eq!(serde_json::from_str::<Request>(line).unwrap(), op, "{line}");
+            let again: Request =
+                serde_json::from_str(&serde_json::to_string(&op).unwrap()).unwrap();
+            assert_eq!(again, op);
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"op":"info","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn auth_server_travels_as_an_endpoint_string() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"tokens.add","bot":"b","join_method":null,"auth_server":"[::1]:3025"}"#,
+        )
+        .unwrap();
+        let Request::TokensAdd(add) = r else {
+            panic!("not tokens.add")
+        };
+        assert_eq!(add.auth_server.unwrap().to_string(), "[::1]:3025");
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"tokens.add","bot":"b","join_method":null,"auth_server":"no port"}"#
+        )
+        .is_err());
     }
 
     #[test]

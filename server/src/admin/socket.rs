@@ -27,8 +27,7 @@ pub enum BindError {
 
 /// The effective uid of this process.
 pub fn own_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Binds the socket with mode 0600, replacing a stale socket file left by a crashed server.

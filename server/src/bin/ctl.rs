@@ -1,5 +1,7 @@
 //! `boundkeyctl`: administers a running boundkey-authd over its admin socket.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
@@ -8,9 +10,12 @@ use boundkey_auth::admin::{TOKEN_MAX_TTL_SECS, TOKEN_WARN_TTL_SECS};
 use boundkey_auth::model::LockTarget;
 use boundkey_auth::UnixTime;
 use boundkey_proto::claims::RecoveryMode;
-use boundkey_proto::JoinMethod;
-use boundkey_server::admin::{self, client, CaType, LocksAdd, Request, TokensAdd, TokensEdit};
+use boundkey_proto::{Endpoint, EndpointError, JoinMethod};
+use boundkey_server::admin::client::{self, ClientError};
+use boundkey_server::admin::views::{NewCredential, TokenCreated};
+use boundkey_server::admin::{self, CaType, LocksAdd, Operation, TokensAdd, TokensEdit};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -298,22 +303,21 @@ fn scalar(key: &str, v: &Value) -> String {
     }
 }
 
-fn field<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(p).unwrap_or(&Value::Null);
-    }
-    cur
+/// A time for text output; `-` when unset.
+fn opt_time(t: Option<UnixTime>) -> String {
+    t.map(fmt_time).unwrap_or_else(|| "-".into())
 }
 
-fn text(v: &Value, path: &[&str]) -> String {
-    scalar(path.last().copied().unwrap_or(""), field(v, path))
+/// A value for text output; `-` when unset.
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-/// Prints `key: value` lines, nested objects and arrays flattened with dotted keys.
-fn print_kv(v: &Value) {
+/// Prints `key: value` lines (keys sorted), nested objects and arrays flattened with dotted keys.
+fn print_kv<T: Serialize>(v: &T) {
+    let v = serde_json::to_value(v).unwrap_or(Value::Null);
     let mut lines = Vec::new();
-    flatten("", v, &mut lines);
+    flatten("", &v, &mut lines);
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, val) in lines {
         println!("{k:width$}  {val}");
@@ -376,18 +380,17 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn rows(v: &Value, f: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
-    v.as_array()
-        .map(|a| a.iter().map(f).collect())
-        .unwrap_or_default()
-}
-
-fn last_of(v: &Value, list: &str, key: &str) -> String {
-    v.get(list)
-        .and_then(Value::as_array)
-        .and_then(|a| a.last())
-        .map(|e| text(e, &[key]))
-        .unwrap_or_else(|| "-".into())
+/// Why a `boundkeyctl` command failed; printed as one line.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("token TTL {} is above the 7-day maximum; pass --force to allow it", humantime::format_duration(Duration::from_secs(*.0)))]
+    TtlTooLong(u64),
+    #[error("invalid --auth-server: {0}")]
+    AuthServer(#[from] EndpointError),
+    #[error("give exactly one of --bot, --instance, --join-token")]
+    LockTarget,
 }
 
 struct Ctl {
@@ -396,92 +399,93 @@ struct Ctl {
 }
 
 impl Ctl {
-    fn call(&self, req: &Request) -> Result<Value, String> {
-        client::call(&self.socket, req).map_err(|e| e.to_string())
+    fn call<O: Operation>(&self, op: O) -> Result<O::Answer, CtlError> {
+        Ok(client::call(&self.socket, op)?)
     }
 
-    /// JSON mode prints the result as is; text mode runs `f`.
-    fn show(&self, v: &Value, f: impl FnOnce(&Value)) {
+    /// JSON mode prints the answer as is; text mode runs `f`.
+    fn show<T: Serialize>(&self, v: &T, f: impl FnOnce(&T)) {
         match self.format {
-            Format::Json => println!(
-                "{}",
-                serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-            ),
+            Format::Json => match serde_json::to_string_pretty(v) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("boundkeyctl: cannot print the answer as JSON: {e}"),
+            },
             Format::Text => f(v),
         }
     }
 
-    fn run(&self, cmd: Cmd) -> Result<(), String> {
+    fn run(&self, cmd: Cmd) -> Result<(), CtlError> {
         match cmd {
             Cmd::Info => {
-                let v = self.call(&Request::Info)?;
+                let v = self.call(admin::Info {})?;
                 self.show(&v, print_kv);
             }
             Cmd::Bots(c) => self.bots(c)?,
             Cmd::Tokens(c) => self.tokens(c)?,
             Cmd::BoundKeypair(BoundKeypairCmd::RequestRotation { token }) => {
-                let v = self.call(&Request::RequestRotation { token })?;
-                self.show(&v, |v| {
+                let t = self.call(admin::RequestRotation { token })?;
+                self.show(&t, |t| {
                     println!(
                         "rotation requested for token {}: the agent gets a new bound key at its next join or renewal (rotate_after {})",
-                        text(v, &["name"]),
-                        text(v, &["bound_keypair", "rotate_after"])
+                        t.name,
+                        opt_time(t.spec.bound_keypair.as_ref().and_then(|b| b.rotate_after))
                     )
                 });
             }
             Cmd::Instances(c) => self.instances(c)?,
             Cmd::Locks(c) => self.locks(c)?,
             Cmd::Audit(AuditCmd::Ls { kind, limit, since }) => {
-                let v = self.call(&Request::AuditLs {
+                let events = self.call(admin::AuditLs {
                     kind,
                     limit: Some(limit),
                     since,
                 })?;
-                self.show(&v, |v| {
+                self.show(&events, |events| {
                     print_table(
                         &[
                             "ID", "TIME", "TYPE", "OK", "BOT", "INSTANCE", "TOKEN", "REMOTE",
                             "DETAILS",
                         ],
-                        rows(v, |e| {
-                            let mut details = Vec::new();
-                            if let Some(err) = e.get("error").and_then(Value::as_str) {
-                                details.push(format!("error={err}"));
-                            }
-                            if let Some(m) = e.get("fields").and_then(Value::as_object) {
-                                details
-                                    .extend(m.iter().map(|(k, v)| format!("{k}={}", scalar(k, v))));
-                            }
-                            vec![
-                                text(e, &["id"]),
-                                text(e, &["time"]),
-                                text(e, &["type"]),
-                                if e.get("success").and_then(Value::as_bool) == Some(true) {
-                                    "yes".into()
-                                } else {
-                                    "no".into()
-                                },
-                                text(e, &["bot_name"]),
-                                text(e, &["instance_id"]),
-                                text(e, &["token_name"]),
-                                text(e, &["remote_addr"]),
-                                details.join(" "),
-                            ]
-                        }),
+                        events
+                            .iter()
+                            .map(|e| {
+                                let details: Vec<String> = e
+                                    .error
+                                    .iter()
+                                    .map(|err| format!("error={err}"))
+                                    .chain(
+                                        e.fields
+                                            .iter()
+                                            .map(|(k, v)| format!("{k}={}", scalar(k, v))),
+                                    )
+                                    .collect();
+                                vec![
+                                    e.id.to_string(),
+                                    fmt_time(e.time),
+                                    e.kind.clone(),
+                                    if e.success { "yes" } else { "no" }.into(),
+                                    opt(e.bot_name.as_ref()),
+                                    opt(e.instance_id.as_ref()),
+                                    opt(e.token_name.as_ref()),
+                                    opt(e.remote_addr.as_ref()),
+                                    details.join(" "),
+                                ]
+                            })
+                            .collect(),
                     )
                 });
             }
             Cmd::Ca(CaCmd::Rotate { kind, grace_period }) => {
-                let v = self.call(&Request::CaRotate {
+                let r = self.call(admin::CaRotate {
                     kind,
                     grace_period_secs: grace_period.as_secs(),
                 })?;
-                self.show(&v, |v| {
+                self.show(&r, |r| {
                     println!(
                         "rotated the {} CA: new key {}; the previous key stays trusted until {}",
-                        text(v, &["type"]),
-                        text(v, &["kid"]),
-                        text(v, &["previous_trusted_until"]),
+                        r.kind.as_str(),
+                        r.kid,
+                        fmt_time(r.previous_trusted_until),
                     )
                 });
             }
@@ -489,37 +493,37 @@ impl Ctl {
         Ok(())
     }
 
-    fn bots(&self, c: BotsCmd) -> Result<(), String> {
+    fn bots(&self, c: BotsCmd) -> Result<(), CtlError> {
         match c {
             BotsCmd::Add { name } => {
-                let v = self.call(&Request::BotsAdd { name })?;
-                self.show(&v, |v| println!("bot {} created", text(v, &["name"])));
+                let b = self.call(admin::BotsAdd { name })?;
+                self.show(&b, |b| println!("bot {} created", b.name));
             }
             BotsCmd::Ls => {
-                let v = self.call(&Request::BotsLs)?;
-                self.show(&v, |v| {
+                let bots = self.call(admin::BotsLs {})?;
+                self.show(&bots, |bots| {
                     print_table(
                         &["NAME", "CREATED", "TOKENS", "INSTANCES", "ACTIVE"],
-                        rows(v, |b| {
-                            vec![
-                                text(b, &["name"]),
-                                text(b, &["created_at"]),
-                                text(b, &["tokens"]),
-                                text(b, &["instances"]),
-                                text(b, &["active_instances"]),
-                            ]
-                        }),
+                        bots.iter()
+                            .map(|b| {
+                                vec![
+                                    b.name.clone(),
+                                    fmt_time(b.created_at),
+                                    b.tokens.to_string(),
+                                    b.instances.to_string(),
+                                    b.active_instances.to_string(),
+                                ]
+                            })
+                            .collect(),
                     )
                 });
             }
             BotsCmd::Rm { name } => {
-                let v = self.call(&Request::BotsRm { name })?;
-                self.show(&v, |v| {
+                let d = self.call(admin::BotsRm { name })?;
+                self.show(&d, |d| {
                     println!(
                         "bot {} deleted ({} tokens, {} instances)",
-                        text(v, &["name"]),
-                        text(v, &["tokens_deleted"]),
-                        text(v, &["instances_deleted"])
+                        d.name, d.tokens_deleted, d.instances_deleted
                     )
                 });
             }
@@ -527,17 +531,14 @@ impl Ctl {
         Ok(())
     }
 
-    fn tokens(&self, c: TokensCmd) -> Result<(), String> {
+    fn tokens(&self, c: TokensCmd) -> Result<(), CtlError> {
         match c {
             TokensCmd::Add(a) => {
                 let ttl = a.ttl.map(|d| d.as_secs());
                 if a.join_method == JoinMethod::Token {
                     let t = ttl.unwrap_or(boundkey_auth::admin::TOKEN_DEFAULT_TTL_SECS);
                     if t > TOKEN_MAX_TTL_SECS && !a.force {
-                        return Err(format!(
-                            "token TTL {} is above the 7-day maximum; pass --force to allow it",
-                            humantime::format_duration(Duration::from_secs(t))
-                        ));
+                        return Err(CtlError::TtlTooLong(t));
                     }
                     if t > TOKEN_WARN_TTL_SECS {
                         eprintln!(
@@ -546,7 +547,12 @@ impl Ctl {
                         );
                     }
                 }
-                let v = self.call(&Request::TokensAdd(TokensAdd {
+                let auth_server = a
+                    .auth_server
+                    .as_deref()
+                    .map(str::parse::<Endpoint>)
+                    .transpose()?;
+                let created = self.call(TokensAdd {
                     bot: a.bot,
                     join_method: Some(a.join_method),
                     name: a.name,
@@ -558,36 +564,16 @@ impl Ctl {
                     max_joins: a.max_joins,
                     ttl_secs: ttl,
                     force: a.force,
-                    auth_server: a.auth_server,
-                }))?;
-                self.show(&v, |v| {
-                    let mut keys = vec!["name", "bot_name", "join_method"];
-                    match a.join_method {
-                        JoinMethod::BoundKeypair => {
-                            if v.get("registration_secret").is_some_and(|s| !s.is_null()) {
-                                keys.push("registration_secret");
-                            } else {
-                                keys.push("initial_public_key");
-                            }
-                            keys.push("must_register_before");
-                        }
-                        JoinMethod::Token => keys.extend(["token", "max_joins"]),
-                    }
-                    keys.extend(["expires", "join_uri"]);
-                    let width = keys.iter().map(|k| k.len() + 1).max().unwrap_or(0);
-                    for k in keys {
-                        println!("{:width$} {}", format!("{k}:"), text(v, &[k]));
-                    }
-                });
-                if v.get("registration_secret").is_some_and(|s| !s.is_null())
-                    || v.get("token").is_some_and(|s| !s.is_null())
-                {
+                    auth_server,
+                })?;
+                self.show(&created, print_token_created);
+                if created.credential.has_secret() {
                     eprintln!("boundkeyctl: the secret above is shown only once; it is not stored in clear");
                 }
             }
             TokensCmd::Ls { bot } => {
-                let v = self.call(&Request::TokensLs { bot })?;
-                self.show(&v, |v| {
+                let tokens = self.call(admin::TokensLs { bot })?;
+                self.show(&tokens, |tokens| {
                     print_table(
                         &[
                             "NAME",
@@ -598,38 +584,42 @@ impl Ctl {
                             "MODE",
                             "EXPIRES",
                         ],
-                        rows(v, |t| {
-                            let recoveries = match t.get("join_method").and_then(Value::as_str) {
-                                Some("token") => format!(
-                                    "joins {}/{}",
-                                    text(t, &["join_count"]),
-                                    text(t, &["max_joins"])
-                                ),
-                                _ => format!(
-                                    "{}/{}",
-                                    text(t, &["recovery_count"]),
-                                    text(t, &["bound_keypair", "recovery", "limit"])
-                                ),
-                            };
-                            vec![
-                                text(t, &["name"]),
-                                text(t, &["bot_name"]),
-                                text(t, &["join_method"]),
-                                text(t, &["bound_instance_id"]),
-                                recoveries,
-                                text(t, &["bound_keypair", "recovery", "mode"]),
-                                text(t, &["expires"]),
-                            ]
-                        }),
+                        tokens
+                            .iter()
+                            .map(|t| {
+                                let bk = t.spec.bound_keypair.as_ref();
+                                let recoveries = match t.spec.join_method {
+                                    JoinMethod::Token => format!(
+                                        "joins {}/{}",
+                                        t.status.join_count,
+                                        opt(t.spec.max_joins)
+                                    ),
+                                    JoinMethod::BoundKeypair => format!(
+                                        "{}/{}",
+                                        t.status.recovery_count,
+                                        opt(bk.map(|b| b.recovery.limit))
+                                    ),
+                                };
+                                vec![
+                                    t.name.clone(),
+                                    t.spec.bot_name.clone(),
+                                    t.spec.join_method.to_string(),
+                                    opt(t.status.bound_instance_id.as_ref()),
+                                    recoveries,
+                                    opt(bk.map(|b| b.recovery.mode.as_str())),
+                                    opt_time(t.spec.expires),
+                                ]
+                            })
+                            .collect(),
                     )
                 });
             }
             TokensCmd::Show { name } => {
-                let v = self.call(&Request::TokensShow { name })?;
-                self.show(&v, print_kv);
+                let t = self.call(admin::TokensShow { name })?;
+                self.show(&t, print_kv);
             }
             TokensCmd::Edit(e) => {
-                let v = self.call(&Request::TokensEdit(TokensEdit {
+                let t = self.call(TokensEdit {
                     name: e.name,
                     recovery_limit: e.recovery_limit,
                     recovery_mode: e.recovery_mode,
@@ -637,22 +627,22 @@ impl Ctl {
                     expires: e.expires.map(|c| c.0),
                     initial_public_key: e.initial_public_key.map(|c| c.0),
                     max_joins: e.max_joins,
-                }))?;
-                self.show(&v, print_kv);
+                })?;
+                self.show(&t, print_kv);
             }
             TokensCmd::Rm { name } => {
-                let v = self.call(&Request::TokensRm { name })?;
-                self.show(&v, |v| println!("token {} deleted", text(v, &["name"])));
+                let d = self.call(admin::TokensRm { name })?;
+                self.show(&d, |d| println!("token {} deleted", d.name));
             }
         }
         Ok(())
     }
 
-    fn instances(&self, c: InstancesCmd) -> Result<(), String> {
+    fn instances(&self, c: InstancesCmd) -> Result<(), CtlError> {
         match c {
             InstancesCmd::Ls { bot } => {
-                let v = self.call(&Request::InstancesLs { bot })?;
-                self.show(&v, |v| {
+                let instances = self.call(admin::InstancesLs { bot })?;
+                self.show(&instances, |instances| {
                     print_table(
                         &[
                             "INSTANCE",
@@ -664,55 +654,59 @@ impl Ctl {
                             "LAST_HEARTBEAT",
                             "EXPIRES",
                         ],
-                        rows(v, |i| {
-                            vec![
-                                text(i, &["instance_id"]),
-                                text(i, &["bot_name"]),
-                                text(i, &["state"]),
-                                text(i, &["generation"]),
-                                text(i, &["join_method"]),
-                                last_of(i, "latest_authentications", "authenticated_at"),
-                                last_of(i, "latest_heartbeats", "recorded_at"),
-                                text(i, &["expires"]),
-                            ]
-                        }),
+                        instances
+                            .iter()
+                            .map(|i| {
+                                let s = &i.status;
+                                vec![
+                                    i.spec.instance_id.clone(),
+                                    i.spec.bot_name.clone(),
+                                    i.state.as_str().into(),
+                                    s.generation.to_string(),
+                                    i.spec.join_method.to_string(),
+                                    opt_time(
+                                        s.latest_authentications.last().map(|a| a.authenticated_at),
+                                    ),
+                                    opt_time(s.latest_heartbeats.last().map(|h| h.recorded_at)),
+                                    fmt_time(s.expires),
+                                ]
+                            })
+                            .collect(),
                     )
                 });
             }
             InstancesCmd::Show { id } => {
-                let v = self.call(&Request::InstancesShow { id })?;
-                self.show(&v, print_kv);
+                let i = self.call(admin::InstancesShow { id })?;
+                self.show(&i, print_kv);
             }
             InstancesCmd::Rm { id } => {
-                let v = self.call(&Request::InstancesRm { id })?;
-                self.show(&v, |v| {
-                    println!("bot instance {} deleted", text(v, &["instance_id"]))
-                });
+                let d = self.call(admin::InstancesRm { id })?;
+                self.show(&d, |d| println!("bot instance {} deleted", d.instance_id));
             }
         }
         Ok(())
     }
 
-    fn locks(&self, c: LocksCmd) -> Result<(), String> {
+    fn locks(&self, c: LocksCmd) -> Result<(), CtlError> {
         match c {
             LocksCmd::Add(a) => {
                 let target = match (a.bot, a.instance, a.join_token) {
                     (Some(b), None, None) => LockTarget::Bot(b),
                     (None, Some(i), None) => LockTarget::BotInstanceId(i),
                     (None, None, Some(t)) => LockTarget::JoinToken(t),
-                    _ => return Err("give exactly one of --bot, --instance, --join-token".into()),
+                    _ => return Err(CtlError::LockTarget),
                 };
-                let v = self.call(&Request::LocksAdd(LocksAdd {
+                let l = self.call(LocksAdd {
                     target,
                     name: a.name,
                     message: a.message,
                     ttl_secs: a.ttl.map(|d| d.as_secs()),
-                }))?;
-                self.show(&v, |v| println!("lock {} created", text(v, &["name"])));
+                })?;
+                self.show(&l, |l| println!("lock {} created", l.lock.name));
             }
             LocksCmd::Ls => {
-                let v = self.call(&Request::LocksLs)?;
-                self.show(&v, |v| {
+                let locks = self.call(admin::LocksLs {})?;
+                self.show(&locks, |locks| {
                     print_table(
                         &[
                             "NAME",
@@ -723,32 +717,63 @@ impl Ctl {
                             "CREATED_BY",
                             "MESSAGE",
                         ],
-                        rows(v, |l| {
-                            let (kind, value) = l
-                                .get("target")
-                                .and_then(Value::as_object)
-                                .and_then(|m| m.iter().next())
-                                .map(|(k, v)| (k.clone(), scalar(k, v)))
-                                .unwrap_or_default();
-                            vec![
-                                text(l, &["name"]),
-                                kind,
-                                value,
-                                text(l, &["active"]),
-                                text(l, &["expires"]),
-                                text(l, &["created_by"]),
-                                text(l, &["message"]),
-                            ]
-                        }),
+                        locks
+                            .iter()
+                            .map(|l| {
+                                let lock = &l.lock;
+                                vec![
+                                    lock.name.clone(),
+                                    lock.target.kind().into(),
+                                    lock.target.value().into(),
+                                    l.active.to_string(),
+                                    opt_time(lock.expires),
+                                    lock.created_by.clone(),
+                                    lock.message.clone(),
+                                ]
+                            })
+                            .collect(),
                     )
                 });
             }
             LocksCmd::Rm { name } => {
-                let v = self.call(&Request::LocksRm { name })?;
-                self.show(&v, |v| println!("lock {} deleted", text(v, &["name"])));
+                let d = self.call(admin::LocksRm { name })?;
+                self.show(&d, |d| println!("lock {} deleted", d.name));
             }
         }
         Ok(())
+    }
+}
+
+/// `tokens add` in text mode: the fields an operator needs, the secret (or the pre-registered
+/// key) included, as aligned `key: value` lines.
+fn print_token_created(c: &TokenCreated) {
+    let mut lines: Vec<(&str, String)> = vec![
+        ("name", c.name.clone()),
+        ("bot_name", c.bot_name.clone()),
+        ("join_method", c.credential.join_method().to_string()),
+    ];
+    match &c.credential {
+        NewCredential::BoundKeypair {
+            registration_secret,
+            initial_public_key,
+            must_register_before,
+        } => {
+            match registration_secret {
+                Some(s) => lines.push(("registration_secret", s.clone())),
+                None => lines.push(("initial_public_key", opt(initial_public_key.as_ref()))),
+            }
+            lines.push(("must_register_before", opt_time(*must_register_before)));
+        }
+        NewCredential::Token { token, max_joins } => {
+            lines.push(("token", token.clone()));
+            lines.push(("max_joins", opt(*max_joins)));
+        }
+    }
+    lines.push(("expires", opt_time(c.expires)));
+    lines.push(("join_uri", c.join_uri.to_string()));
+    let width = lines.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    for (k, v) in lines {
+        println!("{:width$} {v}", format!("{k}:"));
     }
 }
 

@@ -2,7 +2,8 @@
 //! directory, `boundkeyctl` invocations against it, and a small protocol client (tokio-rustls,
 //! software P-256 keys) that performs real ceremonies.
 
-#![allow(dead_code)]
+// Shared by several test crates, each using a different part; `pub` is its interface.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,6 +21,8 @@ use boundkey_proto::{
 };
 use p256::ecdsa::SigningKey;
 use p256::pkcs8::EncodePrivateKey;
+pub use rustix::process::Signal;
+use rustix::process::{kill_process, Pid};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::Value;
@@ -126,15 +129,14 @@ impl Server {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    /// Sends a signal to the server.
-    pub fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("running").id();
-        // SAFETY: plain kill(2) on our own child's pid (still unreaped, so not reused).
-        unsafe { libc::kill(pid as i32, sig) };
+    /// Sends a signal to the server (our own child, still unreaped, so its pid is not reused).
+    pub fn signal(&self, sig: Signal) {
+        let pid = Pid::from_child(self.child.as_ref().expect("running"));
+        kill_process(pid, sig).expect("kill");
     }
 
     /// Sends a signal and waits (bounded) for the exit status.
-    pub fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
+    pub fn signal_and_wait(&mut self, sig: Signal) -> std::process::ExitStatus {
         self.signal(sig);
         self.wait_exit()
     }

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use boundkey_auth::admin::{new_bound_keypair_token, NewBoundKeypairToken};
 use boundkey_auth::model::{InstanceSpec, InstanceStatus, LockTarget};
 use boundkey_auth::store::TokenWrite;
