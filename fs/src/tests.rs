@@ -149,7 +149,9 @@ fn ownership_checks_refuse_links_and_other_users_files() {
         let e = check_owned(&f).unwrap_err().to_string();
         assert!(e.contains("owned by uid 65534"), "{e}");
     }
+}
 
+#[test]
 fn a_read_over_its_limit_says_so_in_its_type() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("big");
