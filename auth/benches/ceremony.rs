@@ -1,6 +1,7 @@
 //! Server-side cost of a bound-keypair ceremony, sans I/O: `Service::open` + `Session::handle`
 //! over the in-memory store, with the client's signing excluded from the measured time.
 //! Ceremonies/s per core = 1 / (time per ceremony).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -365,9 +365,3 @@ impl AuditEvent {
         self
     }
 }
-
-/// Masks a secret-derived token name for display and audit (`token` method).
-pub fn mask_token(name: &str) -> String {
-    let head: String = name.chars().take(8).collect();
-    format!("{head}…")
-}

@@ -12,7 +12,7 @@ use crate::authority::{Authority, VerifiedIdentity};
 use crate::entropy::Entropy;
 use crate::input::{Peer, Snapshot};
 use crate::issue::Issue;
-use crate::model::{event, mask_token, AuditEvent, BotInstance, Lock, LockTarget, Token};
+use crate::model::{event, AuditEvent, BotInstance, Lock, LockTarget, Token};
 use crate::outcome::{messages, Refusal, Step};
 use crate::store::{InstanceWrite, TokenWrite};
 use crate::ServiceConfig;
@@ -105,7 +105,7 @@ pub fn decide(
             bot_name: inst.spec.bot_name.clone(),
             join_method: JoinMethod::Token,
             join_token: inst.spec.join_token.clone(),
-            recorded_join_token: mask_token(&inst.spec.join_token),
+            recorded_join_token: JoinMethod::Token.displayed_token(&inst.spec.join_token),
             instance: subject.instance,
             binding: None,
             token: subject.token,
@@ -142,7 +142,7 @@ fn authenticate<'a>(
     if let Some(id) = &peer.identity {
         ev.instance_id = Some(id.claims.instance_id.clone());
         ev.bot_name = Some(id.claims.bot_name.clone());
-        ev.token_name = Some(mask_token(&id.claims.join_token));
+        ev.token_name = Some(JoinMethod::Token.displayed_token(&id.claims.join_token));
         if id.claims.join_method != JoinMethod::Token {
             return Err(Denial::access(
                 "bound_keypair certificate used for a token renewal",
@@ -163,7 +163,7 @@ fn authenticate<'a>(
     let Some(token) = token else {
         return Err(Denial::access("unknown token"));
     };
-    ev.token_name = Some(mask_token(&token.name));
+    ev.token_name = Some(JoinMethod::Token.displayed_token(&token.name));
     ev.bot_name = Some(token.spec.bot_name.clone());
     if token.spec.join_method != JoinMethod::Token {
         return Err(Denial::access("not a token-method token"));

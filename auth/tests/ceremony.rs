@@ -1,5 +1,6 @@
 //! Every rule of the bound-keypair ceremony, driven through the real `Service` over the
 //! in-memory store with an injected clock. Each test names the rule it guards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
 

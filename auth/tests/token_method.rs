@@ -1,4 +1,5 @@
 //! The `token` join method and heartbeats, through the real `Service`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
 

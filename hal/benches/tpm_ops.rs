@@ -3,6 +3,7 @@
 //!
 //! Each TPM operation includes what the store always does: start a session, recreate the
 //! storage primary, load the key, act, flush everything.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

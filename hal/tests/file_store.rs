@@ -1,4 +1,5 @@
 //! File backend against a real directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

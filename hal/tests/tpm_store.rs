@@ -1,5 +1,5 @@
 //! TPM backend against a real software TPM (one swtpm process per test).
-
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "tpm")]
 
 mod common;

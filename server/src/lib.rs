@@ -1,8 +1,6 @@
 //! The reference boundkey auth service: a TLS listener driving `boundkey-auth`'s ceremonies, a
 //! SQLite store, and an admin API on a Unix socket used by `boundkeyctl`.
 
-#![forbid(unsafe_code)]
-
 pub mod admin;
 pub mod daemon;
 pub mod listener;

@@ -7,6 +7,9 @@
 //! swtpm is required: when it is not installed, starting one panics with install instructions
 //! instead of skipping, so a missing dependency can never turn into a silently green run.
 
+// Test support: failing loudly at the point of failure is this crate's contract.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

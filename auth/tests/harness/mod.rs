@@ -1,4 +1,5 @@
 //! A protocol-speaking test device and a world (service + store + clock) to run it against.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 #![allow(dead_code)]
 
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests.
-
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 #![allow(dead_code)]
 
 use boundkey_hal::{Digest, PublicKeyBytes, Signature};

@@ -283,10 +283,7 @@ impl Handler<'_> {
             .audit(event::TOKEN_CREATED)
             .field("join_method", method.as_str());
         ev.bot_name = Some(token.spec.bot_name.clone());
-        ev.token_name = Some(match method {
-            JoinMethod::Token => boundkey_auth::model::mask_token(&token.name),
-            JoinMethod::BoundKeypair => token.name.clone(),
-        });
+        ev.token_name = Some(method.displayed_token(&token.name));
         self.store().append_audit(&ev)?;
         Ok(TokenCreated {
             name: token.name,
@@ -414,10 +411,7 @@ impl Handler<'_> {
         }
         let mut ev = self.audit(event::TOKEN_DELETED);
         ev.bot_name = Some(t.spec.bot_name);
-        ev.token_name = Some(match t.spec.join_method {
-            JoinMethod::Token => boundkey_auth::model::mask_token(name),
-            JoinMethod::BoundKeypair => name.into(),
-        });
+        ev.token_name = Some(t.spec.join_method.displayed_token(name));
         self.store().append_audit(&ev)?;
         Ok(TokenDeleted { name: name.into() })
     }

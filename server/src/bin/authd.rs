@@ -1,7 +1,5 @@
 //! `boundkey-authd`: the reference boundkey auth service.
 
-#![forbid(unsafe_code)]
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

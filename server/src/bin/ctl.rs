@@ -1,7 +1,5 @@
 //! `boundkeyctl`: administers a running boundkey-authd over its admin socket.
 
-#![forbid(unsafe_code)]
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
