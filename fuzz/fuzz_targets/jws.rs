@@ -23,6 +23,10 @@ fuzz_target!(|data: &[u8]| {
         // unless it is the output of that key (which the fuzzer cannot produce).
         assert!(jws::verify(text, &public).is_err());
     }
+    // Signing costs a thousand parses: round-trip one input in sixteen.
+    if data.first().is_none_or(|b| b & 0x0f != 0) {
+        return;
+    }
     let token = jws::sign(&signer, Some("kid"), data);
     let (_, payload) = jws::verify(&token, &public).expect("own signature verifies");
     assert_eq!(payload, data);

@@ -18,6 +18,9 @@
 //! `tcti`.
 
 mod blob;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod error;
 mod session;
 mod tcti;
