@@ -20,5 +20,10 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build (binaries used by end-to-end tests)"
 cargo build --workspace --bins --locked
+echo "== builds without the TPM backend (the key store must then default to files)"
+cargo check -p boundkey --no-default-features --locked
+cargo test -p boundkey-hal --no-default-features --locked --lib -q 2>&1 | grep -E '^test result' || exit 1
+echo "== fuzz smoke run (every target: its corpus plus a few thousand new inputs)"
+bash scripts/fuzz.sh smoke
 echo "== cargo test"
 cargo test --workspace --locked "$@"

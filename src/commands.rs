@@ -149,11 +149,7 @@ pub(crate) fn status(
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::time::Duration;
-
     use super::*;
-    use crate::config::{JoinSettings, TpmSettings};
 
     #[test]
     fn status_shows_times_past_year_9999_instead_of_panicking() {
@@ -162,17 +158,7 @@ mod tests {
             "generation":1,"join_method":"bound_keypair","not_before":-5,"expires":300000000000,
             "certificate":"","ca_bundle":"","private_key":""}}"#;
         std::fs::write(dir.path().join("state.json"), state).unwrap();
-        let settings = Settings {
-            storage: PathBuf::from(dir.path()),
-            destination: None,
-            keystore: None,
-            tpm: TpmSettings::default(),
-            join: JoinSettings::default(),
-            certificate_ttl: Duration::from_secs(3600),
-            renewal_interval: Duration::from_secs(1200),
-            heartbeat_interval: Duration::from_secs(1800),
-            oneshot: false,
-        };
+        let settings = Settings::for_tests(dir.path());
         for format in [Format::Text, Format::Json] {
             let mut out = Vec::new();
             status(&settings, format, &mut out).unwrap();

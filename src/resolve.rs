@@ -311,27 +311,16 @@ pub(crate) fn plan_attempt(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::path::PathBuf;
+    use std::path::Path;
 
     use super::*;
-    use crate::config::{JoinSettings, TpmSettings};
     use crate::keyset::KeyRef;
     use crate::storage::{InFlight, JoinInfo, Secret};
 
     const PIN: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
     fn settings() -> Settings {
-        Settings {
-            storage: PathBuf::from("/s"),
-            destination: None,
-            keystore: None,
-            tpm: TpmSettings::default(),
-            join: JoinSettings::default(),
-            certificate_ttl: Duration::from_secs(3600),
-            renewal_interval: Duration::from_secs(1200),
-            heartbeat_interval: Duration::from_secs(1800),
-            oneshot: false,
-        }
+        Settings::for_tests(Path::new("/s"))
     }
 
     fn uri_settings(method: JoinMethod, token: &str) -> Settings {

@@ -91,6 +91,24 @@ pub(crate) struct Settings {
     pub oneshot: bool,
 }
 
+impl Settings {
+    /// Defaults for a storage directory, as unit tests need them.
+    #[cfg(test)]
+    pub(crate) fn for_tests(storage: &Path) -> Settings {
+        Settings {
+            storage: storage.to_path_buf(),
+            destination: None,
+            keystore: None,
+            tpm: TpmSettings::default(),
+            join: JoinSettings::default(),
+            certificate_ttl: DEFAULT_CERTIFICATE_TTL,
+            renewal_interval: DEFAULT_RENEWAL_INTERVAL,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            oneshot: false,
+        }
+    }
+}
+
 /// Loads the config file (if any) and merges it with the flags and the environment.
 pub(crate) fn load(
     config_file: Option<&Path>,

@@ -18,10 +18,10 @@
 //! `tcti`.
 
 mod blob;
+mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-mod error;
 mod session;
 mod tcti;
 
