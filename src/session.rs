@@ -385,6 +385,7 @@ impl Effects for AgentEffects<'_> {
 
     fn sign(&mut self, key: &str, digest: &[u8; 32]) -> Result<[u8; 64], AgentError> {
         let name = KeyName::new(key)?;
+        crash::point("before-sign");
         Ok(self.store.sign_digest(&name, &Digest(*digest))?.0)
     }
 }
