@@ -156,21 +156,27 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
-/// A durable temporary file in `dir` holding `data` with `mode`, ready to be renamed.
-fn durable_temp(dir: &Path, data: &[u8], mode: u32) -> Result<tempfile::NamedTempFile, FsError> {
+/// A durable temporary file in `dir` holding `data` with `mode`, ready to be renamed to `target`.
+/// Failures name `target` (what the caller asked to write), not the temporary file's random
+/// name, so "No space left on device" points at the file that could not be written.
+fn durable_temp(
+    dir: &Path,
+    target: &Path,
+    data: &[u8],
+    mode: u32,
+) -> Result<tempfile::NamedTempFile, FsError> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".bk-")
         .suffix(".tmp")
         .permissions(fs::Permissions::from_mode(mode))
         .tempfile_in(dir)
-        .map_err(fs_err(dir))?;
-    let path = tmp.path().to_path_buf();
+        .map_err(fs_err(target))?;
+    let f = tmp.as_file_mut();
     // The umask applies at creation: set the mode again so the file has exactly `mode`.
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(fs_err(&path))?;
-    tmp.write_all(data).map_err(fs_err(&path))?;
-    tmp.as_file().sync_all().map_err(fs_err(&path))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(fs_err(target))?;
+    f.write_all(data).map_err(fs_err(target))?;
+    f.sync_all().map_err(fs_err(target))?;
     Ok(tmp)
 }
 
@@ -206,7 +212,7 @@ fn write_reached(stage: WriteStage, path: &Path) {
 /// On failure the previous file is untouched and no temporary file is left behind.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
     let dir = parent_of(path);
-    let tmp = durable_temp(dir, data, mode)?;
+    let tmp = durable_temp(dir, path, data, mode)?;
     write_reached(WriteStage::TempSynced, path);
     // NamedTempFile removes the temp file on drop if the rename fails.
     tmp.persist(path).map_err(|e| FsError::new(path, e.error))?;
@@ -229,7 +235,7 @@ pub enum CreateError {
 /// so two racing creators cannot silently swap contents under each other.
 pub fn create_new(path: &Path, data: &[u8], mode: u32) -> Result<(), CreateError> {
     let dir = parent_of(path);
-    let tmp = durable_temp(dir, data, mode)?;
+    let tmp = durable_temp(dir, path, data, mode)?;
     write_reached(WriteStage::TempSynced, path);
     match tmp.persist_noclobber(path) {
         Ok(_) => {}
