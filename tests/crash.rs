@@ -111,8 +111,13 @@ fn crash_a_rotation_at(auth: &AuthServer, tok: &Token, d: &Device, step: &str) {
             + usize::from(!st["pending_kid"].is_null());
         assert_eq!(n, held, "{step}: key files vs keys in the state");
     }
-    // No temporary file of an interrupted write is mistaken for anything: the next write
-    // either replaced or ignored it, and the state still parses (status above).
+    // No crash cost a recovery or created a lock.
+    assert_eq!(
+        auth.token(&tok.name)["recovery_count"],
+        1,
+        "{step}: a recovery was spent"
+    );
+    assert!(auth.locks().is_empty(), "{step}: {:?}", auth.locks());
 }
 
 #[test]

@@ -189,11 +189,63 @@ fn authd_killed_during_a_rotation_commit(point: &str) {
     assert_eq!(auth.token(&tok.name)["recovery_count"], 1, "{point}");
 }
 
+/// The first join's commit (it consumes the registration secret and the first recovery)
+/// interrupted at `point`.
+fn authd_killed_during_a_first_join_commit(point: &str) {
+    let spec = format!("{point}:1");
+    let mut auth = AuthServer::start_with(&[("BOUNDKEY_AUTHD_CRASH_AT", &spec)]);
+    let bot = format!("first-{point}");
+    let tok = auth.bot_with_token(&bot, &[]);
+    let d = Device::new();
+    let o = d.oneshot(&["--join-uri", &tok.join_uri]);
+    assert!(!o.status.success(), "{point}: {}", stderr(&o));
+    assert_eq!(
+        auth.wait_exit(DEADLINE),
+        Some(libc::SIGABRT),
+        "{point}: the service did not abort: {}",
+        auth.log()
+    );
+    auth.restart_with(&[]);
+    let committed = point == "after-commit";
+    let t = auth.token(&tok.name);
+    assert_eq!(
+        instances(&auth, &bot).len(),
+        usize::from(committed),
+        "{point}: instances"
+    );
+    assert_eq!(t["recovery_count"], u64::from(committed), "{point}");
+    assert_eq!(t["registration_secret_pending"], !committed, "{point}");
+    assert_eq!(t["bound_public_key"].is_null(), !committed, "{point}");
+
+    // The same join URI completes the join: delivered again if it was committed.
+    let o = d.oneshot(&["--join-uri", &tok.join_uri]);
+    assert!(
+        o.status.success(),
+        "{point}: {}\n--- authd log ---\n{}",
+        stderr(&o),
+        auth.log()
+    );
+    let st = d.status();
+    let t = auth.token(&tok.name);
+    assert_eq!(t["recovery_count"], 1, "{point}: recoveries");
+    assert_eq!(s(&t["bound_public_key"]), s(&st["public_key"]), "{point}");
+    let insts = instances(&auth, &bot);
+    assert_eq!(insts.len(), 1, "{point}: {insts:?}");
+    assert_eq!(
+        s(&insts[0]["instance_id"]),
+        s(&st["instance_id"]),
+        "{point}"
+    );
+    assert!(auth.locks().is_empty(), "{point}: {:?}", auth.locks());
+    d.verify_outputs();
+}
+
 #[test]
 fn authd_killed_at_each_point_of_a_commit_keeps_the_store_consistent_and_the_device_completes() {
     std::thread::scope(|scope| {
         for point in ["before-commit", "after-commit"] {
             scope.spawn(move || authd_killed_during_a_rotation_commit(point));
+            scope.spawn(move || authd_killed_during_a_first_join_commit(point));
         }
     });
 }
