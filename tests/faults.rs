@@ -442,34 +442,67 @@ fn a_full_disk_during_the_state_or_output_write_loses_nothing() {
 // ---------------------------------------------------------------------------------------------
 // The TPM vanishing during a signature.
 
-#[test]
-fn swtpm_killed_during_a_signature_is_retried_and_loses_nothing() {
-    let auth = AuthServer::start();
-    let tok = auth.bot_with_token("tpm-sign", &[]);
+/// Key files (TPM blobs) in the storage directory.
+fn key_files(d: &Device) -> usize {
+    std::fs::read_dir(d.storage.join("keys"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A daemon on a TPM device renews (with a rotation if `rotate`); swtpm is killed just before
+/// the TPM signs the challenge (with a rotation: the new key's, after it was created and
+/// recorded as pending).
+fn swtpm_killed_during_a_signature(auth: &AuthServer, rotate: bool) {
+    let what = if rotate { "rotation" } else { "renewal" };
+    let tok = auth.bot_with_token(&format!("tpm-sign-{what}"), &[]);
     let mut d = Device::with_keystore(Keystore::Tpm(Swtpm::start()));
     d.join(&tok.join_uri);
+    wait_past_the_join_heartbeat();
     let instance = s(&d.status()["instance_id"]);
+    let identity_before = stored_identity(&d);
     let storage_before = snapshot(&d.storage);
     let outputs_before = snapshot(&d.destination);
+    let key_before = s(&auth.token(&tok.name)["bound_public_key"]);
     let tcti = match &d.keystore {
         Keystore::Tpm(t) => t.tcti(),
         Keystore::File => unreachable!(),
     };
+    if rotate {
+        request_rotation(auth, &tok.name);
+    }
 
-    // The daemon renews at start and pauses just before asking the TPM to sign the challenge.
+    // The daemon renews at start and pauses just before asking the TPM to sign.
     let pause = d.path("pause");
     let log = std::fs::File::create(d.path("daemon.log")).unwrap();
     let mut daemon = ChildGuard::spawn(
         d.start_cmd(&["--renewal-interval", "20m"])
-            .env("BOUNDKEY_PAUSE_AT", "before-sign")
+            .env(
+                "BOUNDKEY_PAUSE_AT",
+                if rotate {
+                    "before-sign:2"
+                } else {
+                    "before-sign"
+                },
+            )
             .env("BOUNDKEY_PAUSE_FILE", &pause)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log)),
     )
     .unwrap();
-    wait_for("the agent to reach the signature", DEADLINE, || {
-        pause.exists().then_some(())
-    });
+    wait_for(
+        &format!("{what}: the agent to reach the signature"),
+        DEADLINE,
+        || {
+            if let Ok(Some(st)) = daemon.try_wait() {
+                panic!("{what}: the daemon exited ({st}): {}", d.daemon_log());
+            }
+            pause.exists().then_some(())
+        },
+    );
     let Keystore::Tpm(tpm) = &mut d.keystore else {
         unreachable!()
     };
@@ -477,7 +510,7 @@ fn swtpm_killed_during_a_signature_is_retried_and_loses_nothing() {
     std::fs::remove_file(&pause).unwrap();
 
     // A clear error naming the TPM, and a retry with backoff; the daemon keeps running.
-    let line = wait_for("the failed signature", DEADLINE, || {
+    let line = wait_for(&format!("{what}: the failed signature"), DEADLINE, || {
         d.daemon_log()
             .lines()
             .find(|l| l.contains("join/renewal failed"))
@@ -485,34 +518,62 @@ fn swtpm_killed_during_a_signature_is_retried_and_loses_nothing() {
     });
     assert!(
         line.contains("TPM") && line.contains(&tcti) && line.contains("retry_in="),
-        "{line}"
+        "{what}: {line}"
     );
     assert!(matches!(daemon.try_wait(), Ok(None)), "{}", d.daemon_log());
-    // Nothing was lost or changed on the device, nothing committed or locked by the service.
-    assert_eq!(snapshot(&d.storage), storage_before, "the storage changed");
-    assert_eq!(snapshot(&d.destination), outputs_before);
+    // Nothing was lost on the device (a rotation's new key is kept as pending, nothing else
+    // changed), nothing was committed or locked by the service.
+    if rotate {
+        assert_eq!(stored_identity(&d)["identity"], identity_before["identity"]);
+        assert_eq!(
+            stored_identity(&d)["keys"]["active"],
+            identity_before["keys"]["active"]
+        );
+    } else {
+        assert_eq!(snapshot(&d.storage), storage_before, "the storage changed");
+    }
+    assert_eq!(d.status()["interrupted_ceremony"], false, "{what}");
+    assert_eq!(snapshot(&d.destination), outputs_before, "{what}");
     d.verify_outputs();
-    assert_eq!(auth.instance(&instance)["generation"], 1);
+    assert_eq!(auth.instance(&instance)["generation"], 1, "{what}");
+    assert_eq!(s(&auth.token(&tok.name)["bound_public_key"]), key_before);
 
     // The TPM comes back on the same state and ports: the next retry renews.
     let Keystore::Tpm(tpm) = &mut d.keystore else {
         unreachable!()
     };
     tpm.restart();
-    wait_for("the renewal after the TPM came back", DEADLINE, || {
-        (d.status()["generation"] == 2).then_some(())
-    });
+    wait_for(
+        &format!("{what}: the renewal after the TPM came back"),
+        DEADLINE,
+        || (d.status()["generation"] == 2).then_some(()),
+    );
     let st = d.status();
+    let t = auth.token(&tok.name);
     assert_eq!(s(&st["instance_id"]), instance);
     assert_eq!(auth.instance(&instance)["generation"], 2);
+    assert_eq!(s(&t["bound_public_key"]), s(&st["public_key"]), "{what}");
+    assert_eq!(s(&t["bound_public_key"]) != key_before, rotate, "{what}");
+    assert_eq!(t["recovery_count"], 1, "{what}");
+    // No orphan blob: the active key and the history, nothing pending.
+    assert!(st["pending_kid"].is_null(), "{what}: {st}");
     assert_eq!(
-        s(&auth.token(&tok.name)["bound_public_key"]),
-        s(&st["public_key"])
+        key_files(&d),
+        1 + st["key_history"].as_u64().unwrap() as usize,
+        "{what}: key blobs vs keys in the state"
     );
-    assert_eq!(auth.token(&tok.name)["recovery_count"], 1);
-    assert!(auth.locks().is_empty(), "{:?}", auth.locks());
     d.verify_outputs();
     send_signal(&daemon, libc::SIGTERM);
     let st = wait_exit(&mut daemon, DEADLINE);
     assert_eq!(st.code(), Some(0), "{}", d.daemon_log());
+}
+
+#[test]
+fn swtpm_killed_during_a_signature_is_retried_and_loses_nothing() {
+    let auth = AuthServer::start();
+    std::thread::scope(|scope| {
+        scope.spawn(|| swtpm_killed_during_a_signature(&auth, false));
+        scope.spawn(|| swtpm_killed_during_a_signature(&auth, true));
+    });
+    assert!(auth.locks().is_empty(), "{:?}", auth.locks());
 }
