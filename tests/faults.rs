@@ -391,6 +391,43 @@ fn full_storage_during_the_state_write(auth: &AuthServer) {
     assert!(auth.locks().is_empty(), "{:?}", auth.locks());
 }
 
+/// A rotation is requested and the storage directory is full when the agent creates and records
+/// the new key (before its public key is sent, so nothing was committed).
+fn full_storage_during_a_rotation_key_write(auth: &AuthServer) {
+    let tok = auth.bot_with_token("full-rotation", &[]);
+    let d = Device::new();
+    let fs = Tmpfs::mount(&d.storage, "1m");
+    d.join(&tok.join_uri);
+    wait_past_the_join_heartbeat();
+    let before = stored_identity(&d);
+    let key_before = s(&auth.token(&tok.name)["bound_public_key"]);
+    request_rotation(auth, &tok.name);
+
+    let mut filler = None;
+    let o = oneshot_with_fault_at(&d, "after-solution-sent", || filler = Some(fs.fill()));
+    assert_no_space(&o, "rotation key write");
+    assert_eq!(stored_identity(&d), before, "the state changed");
+    assert_eq!(d.status()["generation"], 1);
+    assert_eq!(s(&auth.token(&tok.name)["bound_public_key"]), key_before);
+    d.verify_outputs();
+
+    std::fs::remove_file(filler.expect("filled")).unwrap();
+    let o = d.oneshot(&[]);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), auth.log());
+    let st = d.status();
+    let t = auth.token(&tok.name);
+    assert_eq!(st["interrupted_ceremony"], false);
+    assert_eq!(s(&t["bound_public_key"]), s(&st["public_key"]));
+    assert_ne!(s(&t["bound_public_key"]), key_before, "no rotation");
+    assert_eq!(t["recovery_count"], 1, "a recovery was spent");
+    // No key file left over from the failed attempt.
+    assert_eq!(
+        d.key_files(),
+        Some(1 + st["key_history"].as_u64().unwrap() as usize)
+    );
+    d.verify_outputs();
+}
+
 /// The new state is stored and the destination is full when the agent writes the outputs.
 fn full_destination_during_the_output_write(auth: &AuthServer) {
     let tok = auth.bot_with_token("full-destination", &[]);
@@ -436,6 +473,7 @@ fn a_full_disk_during_the_state_or_output_write_loses_nothing() {
     std::thread::scope(|scope| {
         scope.spawn(|| full_storage_during_the_state_write(&auth));
         scope.spawn(|| full_destination_during_the_output_write(&auth));
+        scope.spawn(|| full_storage_during_a_rotation_key_write(&auth));
     });
 }
 
