@@ -38,6 +38,7 @@ pub use cli::Cli;
 /// Runs a parsed command line; failures become one line on standard error and an exit code
 /// (documented in `docs/agent.md`).
 pub fn run(cli: Cli) -> ExitCode {
+    crash::install();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

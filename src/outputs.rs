@@ -79,7 +79,9 @@ impl Outputs {
             return Err(e);
         }
         let previous = fs::read_link(self.dir.join(CURRENT)).ok();
+        crate::crash::point("outputs-set-synced");
         self.replace_symlink(CURRENT, Path::new(&name))?;
+        crate::crash::point("current-swapped");
         for f in [CERT, KEY, CA] {
             self.ensure_link(f)?;
         }

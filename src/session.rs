@@ -92,6 +92,13 @@ impl Agent {
     }
 
     async fn attempt(&mut self, t: &Target, kind: CeremonyKind) -> Result<(), AgentError> {
+        if self.device.state.in_flight.is_some() {
+            // This attempt repeats a ceremony whose result may be lost, so it writes no in-flight
+            // mark before the service can commit. Show the state can still be written first: if
+            // the service redelivered a result this device then failed to store (a full disk),
+            // the service would be two steps ahead and refuse the device as a clone.
+            self.device.save(self.device.state.clone())?;
+        }
         let now = unix_now();
         let state = &self.device.state;
         let plan = resolve::plan_attempt(
@@ -385,6 +392,7 @@ impl Effects for AgentEffects<'_> {
 
     fn sign(&mut self, key: &str, digest: &[u8; 32]) -> Result<[u8; 64], AgentError> {
         let name = KeyName::new(key)?;
+        crash::point("before-sign");
         Ok(self.store.sign_digest(&name, &Digest(*digest))?.0)
     }
 }

@@ -156,32 +156,69 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
-/// A durable temporary file in `dir` holding `data` with `mode`, ready to be renamed.
-fn durable_temp(dir: &Path, data: &[u8], mode: u32) -> Result<tempfile::NamedTempFile, FsError> {
+/// A durable temporary file in `dir` holding `data` with `mode`, ready to be renamed to `target`.
+/// Failures name `target` (what the caller asked to write), not the temporary file's random
+/// name, so "No space left on device" points at the file that could not be written.
+fn durable_temp(
+    dir: &Path,
+    target: &Path,
+    data: &[u8],
+    mode: u32,
+) -> Result<tempfile::NamedTempFile, FsError> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".bk-")
         .suffix(".tmp")
         .permissions(fs::Permissions::from_mode(mode))
         .tempfile_in(dir)
-        .map_err(fs_err(dir))?;
-    let path = tmp.path().to_path_buf();
+        .map_err(fs_err(target))?;
+    let f = tmp.as_file_mut();
     // The umask applies at creation: set the mode again so the file has exactly `mode`.
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(fs_err(&path))?;
-    tmp.write_all(data).map_err(fs_err(&path))?;
-    tmp.as_file().sync_all().map_err(fs_err(&path))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(fs_err(target))?;
+    f.write_all(data).map_err(fs_err(target))?;
+    f.sync_all().map_err(fs_err(target))?;
     Ok(tmp)
+}
+
+/// How far a durable write ([`write_atomic`], [`create_new`]) has got, reported to the hook
+/// installed with [`set_write_hook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStage {
+    /// The temporary file holds all the data and is fsynced; the target is not yet replaced.
+    TempSynced,
+    /// The target is replaced and its directory fsynced: the write is durable.
+    Published,
+}
+
+/// Called at each [`WriteStage`] of every durable write with the target's path.
+pub type WriteHook = fn(WriteStage, &Path);
+
+static WRITE_HOOK: std::sync::OnceLock<WriteHook> = std::sync::OnceLock::new();
+
+/// Installs a process-wide observer of durable writes, once (later calls are ignored). It exists
+/// for fault injection: a test build can stop the process between the steps of any write made
+/// through this crate, by whichever crate makes it. Nothing is called when no hook is installed.
+pub fn set_write_hook(hook: WriteHook) {
+    let _ = WRITE_HOOK.set(hook);
+}
+
+fn write_reached(stage: WriteStage, path: &Path) {
+    if let Some(hook) = WRITE_HOOK.get() {
+        hook(stage, path);
+    }
 }
 
 /// Atomically replaces `path` with `data` (mode `mode`): temp file, fsync, rename, fsync dir.
 /// On failure the previous file is untouched and no temporary file is left behind.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
     let dir = parent_of(path);
-    let tmp = durable_temp(dir, data, mode)?;
+    let tmp = durable_temp(dir, path, data, mode)?;
+    write_reached(WriteStage::TempSynced, path);
     // NamedTempFile removes the temp file on drop if the rename fails.
     tmp.persist(path).map_err(|e| FsError::new(path, e.error))?;
-    fsync_dir(dir)
+    fsync_dir(dir)?;
+    write_reached(WriteStage::Published, path);
+    Ok(())
 }
 
 /// Why [`create_new`] did not create the file.
@@ -198,7 +235,8 @@ pub enum CreateError {
 /// so two racing creators cannot silently swap contents under each other.
 pub fn create_new(path: &Path, data: &[u8], mode: u32) -> Result<(), CreateError> {
     let dir = parent_of(path);
-    let tmp = durable_temp(dir, data, mode)?;
+    let tmp = durable_temp(dir, path, data, mode)?;
+    write_reached(WriteStage::TempSynced, path);
     match tmp.persist_noclobber(path) {
         Ok(_) => {}
         Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
@@ -206,7 +244,9 @@ pub fn create_new(path: &Path, data: &[u8], mode: u32) -> Result<(), CreateError
         }
         Err(e) => return Err(FsError::new(path, e.error).into()),
     }
-    fsync_dir(dir).map_err(CreateError::Fs)
+    fsync_dir(dir).map_err(CreateError::Fs)?;
+    write_reached(WriteStage::Published, path);
+    Ok(())
 }
 
 /// Removes `path` durably. A missing file is not an error.

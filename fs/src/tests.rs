@@ -192,3 +192,38 @@ fn secret_bytes_follow_the_secret_file_rule_without_requiring_text() {
     let e = read_secret_bytes(&d.path().join("none")).unwrap_err();
     assert!(e.to_string().contains("no such file"), "{e}");
 }
+
+#[test]
+fn the_write_hook_sees_both_halves_of_every_durable_write() {
+    use std::sync::Mutex;
+    // The hook is process-wide: other tests' writes are recorded too and filtered out below.
+    static SEEN: Mutex<Vec<(WriteStage, PathBuf, bool)>> = Mutex::new(Vec::new());
+    fn record(stage: WriteStage, path: &Path) {
+        // Whether the target exists at each stage is what a crash there would leave behind.
+        SEEN.lock()
+            .unwrap()
+            .push((stage, path.to_path_buf(), path.exists()));
+    }
+    set_write_hook(record);
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    let b = d.path().join("b");
+    write_atomic(&a, b"1", 0o600).unwrap();
+    create_new(&b, b"2", 0o600).unwrap();
+    let seen: Vec<_> = SEEN
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, p, _)| p.starts_with(d.path()))
+        .cloned()
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (WriteStage::TempSynced, a.clone(), false),
+            (WriteStage::Published, a, true),
+            (WriteStage::TempSynced, b.clone(), false),
+            (WriteStage::Published, b, true),
+        ]
+    );
+}

@@ -177,6 +177,7 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || storage.open()).await??
     };
+    let store = crate::store::crash::wrap(store);
     tracing::info!(%storage, "store opened");
     let state = {
         let (store, cluster, dir) = (store.clone(), opts.cluster.clone(), dir.clone());

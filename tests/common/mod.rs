@@ -103,56 +103,39 @@ pub(crate) struct AuthServer {
 
 impl AuthServer {
     pub(crate) fn start() -> AuthServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts an auth service with extra environment variables (e.g. crash injection).
+    pub(crate) fn start_with(env: &[(&str, &str)]) -> AuthServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("auth");
-        let log = File::create(dir.path().join("authd.log")).expect("log file");
-        let mut child = ChildGuard::spawn(
-            Command::new(sibling("boundkey-authd"))
-                .args(["start", "--listen", "127.0.0.1:0", "--cluster", "e2e"])
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::from(log)),
-        )
-        .expect("spawn boundkey-authd");
-        let out = child
-            .child()
-            .and_then(|c| c.stdout.take())
-            .expect("authd stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut addr, mut pin) = (None, None);
-        let end = Instant::now() + DEADLINE;
-        while addr.is_none() || pin.is_none() {
-            let left = end.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "boundkey-authd did not start; log: {}",
-                    read_log(dir.path())
-                )
-            });
-            if let Some(a) = line.strip_prefix("listening: ") {
-                addr = Some(a.trim().to_string());
-            }
-            if let Some(p) = line.strip_prefix("ca_pin: ") {
-                pin = Some(p.trim().to_string());
-            }
-        }
+        let (child, addr, ca_pin) = spawn_authd(dir.path(), &data_dir, "127.0.0.1:0", env);
         AuthServer {
             data_dir,
-            addr: addr.unwrap(),
-            ca_pin: pin.unwrap(),
+            addr,
+            ca_pin,
             child,
             dir,
         }
+    }
+
+    /// Kills the service if it still runs and starts it again on the same data directory and
+    /// address (devices keep reaching it), with `env`.
+    pub(crate) fn restart_with(&mut self, env: &[(&str, &str)]) {
+        self.child.kill();
+        let (child, addr, pin) = spawn_authd(self.dir.path(), &self.data_dir, &self.addr, env);
+        assert_eq!(addr, self.addr, "the restarted service listens elsewhere");
+        assert_eq!(pin, self.ca_pin, "the restarted service has another CA");
+        self.child = child;
+    }
+
+    /// Waits for the service to exit on its own; the signal that ended it, if any.
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let st = wait_for("boundkey-authd to exit", timeout, || {
+            self.child.try_wait().ok().flatten()
+        });
+        st.signal()
     }
 
     pub(crate) fn log(&self) -> String {
@@ -232,6 +215,61 @@ fn as_list(v: Value, key: &str) -> Vec<Value> {
         },
         other => panic!("expected a list: {other}"),
     }
+}
+
+/// Spawns `boundkey-authd start` (log appended to DIR/authd.log) and waits for its address and
+/// CA pin on stdout.
+fn spawn_authd(
+    dir: &Path,
+    data_dir: &Path,
+    listen: &str,
+    env: &[(&str, &str)],
+) -> (ChildGuard, String, String) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("authd.log"))
+        .expect("log file");
+    let mut cmd = Command::new(sibling("boundkey-authd"));
+    cmd.args(["start", "--listen", listen, "--cluster", "e2e"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .env_remove("BOUNDKEY_AUTHD_CRASH_AT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = ChildGuard::spawn(&mut cmd).expect("spawn boundkey-authd");
+    let out = child
+        .child()
+        .and_then(|c| c.stdout.take())
+        .expect("authd stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut addr, mut pin) = (None, None);
+    let end = Instant::now() + DEADLINE;
+    while addr.is_none() || pin.is_none() {
+        let left = end.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("boundkey-authd did not start; log: {}", read_log(dir)));
+        if let Some(a) = line.strip_prefix("listening: ") {
+            addr = Some(a.trim().to_string());
+        }
+        if let Some(p) = line.strip_prefix("ca_pin: ") {
+            pin = Some(p.trim().to_string());
+        }
+    }
+    (child, addr.unwrap(), pin.unwrap())
 }
 
 fn read_log(dir: &Path) -> String {
@@ -326,6 +364,8 @@ impl Device {
             .args(args)
             .env_remove("BOUNDKEY_REGISTRATION_SECRET")
             .env_remove("BOUNDKEY_CRASH_AT")
+            .env_remove("BOUNDKEY_PAUSE_AT")
+            .env_remove("BOUNDKEY_PAUSE_FILE")
             .env_remove("BOUNDKEY_TPM_KEY_AUTH")
             .env_remove("BOUNDKEY_TPM_OWNER_AUTH")
             // libtss2 logs its own errors to stderr; the agent's one-line error is what counts.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use boundkey_auth::store::Store;
 
+pub mod crash;
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;
