@@ -39,8 +39,13 @@ case "${1:-}" in
     *) die "unknown argument '$1' (use --update, --e2e or nothing)" ;;
 esac
 
-command -v python3 >/dev/null || die "python3 (3.11 or newer, for tomllib) is required"
-command -v systemd-analyze >/dev/null || die "systemd-analyze is required (apt-get install systemd)"
+# systemd-analyze and systemd-sysusers, python3 with venv for the linter; --e2e also runs
+# swtpm (already in the list), strace and setpriv.
+. scripts/deps.sh
+BOUNDKEY_DEBIAN_PACKAGES+=(systemd python3 python3-venv)
+[ "$e2e" -eq 1 ] && BOUNDKEY_DEBIAN_PACKAGES+=(strace util-linux)
+boundkey_install_deps
+python3 -c 'import tomllib' 2>/dev/null || die "python3 3.11 or newer is required (tomllib)"
 
 tmp="$(mktemp -d)"
 pids=()
@@ -141,12 +146,15 @@ done
 
 # --- 3. layer and recipe consistency -------------------------------------------------------
 echo "== layer.conf and recipe"
-grep -Eq '^LAYERSERIES_COMPAT_boundkey = ".*\bscarthgap\b' yocto-layer/conf/layer.conf \
-    && grep -Eq '^LAYERSERIES_COMPAT_boundkey = ".*\bwrynose\b' yocto-layer/conf/layer.conf \
-    || die "yocto-layer/conf/layer.conf: LAYERSERIES_COMPAT_boundkey must list scarthgap and wrynose"
-for f in $(grep -o '\${S}/packaging/[A-Za-z0-9._-]*' "$RECIPE" | sed 's,^\${S}/,,' | sort -u); do
+for release in scarthgap wrynose; do
+    grep -Eq "^LAYERSERIES_COMPAT_boundkey = \".*\\b$release\\b" yocto-layer/conf/layer.conf \
+        || die "yocto-layer/conf/layer.conf: LAYERSERIES_COMPAT_boundkey must list $release"
+done
+# shellcheck disable=SC2016 # ${S} is BitBake syntax, matched literally
+grep -o '${S}/packaging/[A-Za-z0-9._-]*' "$RECIPE" | sed 's,^[$]{S}/,,' | sort -u | while read -r f; do
     [ -f "$f" ] || die "$RECIPE installs $f, which does not exist"
 done
+# shellcheck disable=SC2016
 grep -q '^SYSTEMD_SERVICE:${PN} = "boundkeyd.service"' "$RECIPE" || die "$RECIPE: SYSTEMD_SERVICE must name boundkeyd.service"
 grep -Eq 'USERADD_PARAM:\$\{PN\} = .*--groups tss' "$RECIPE" || die "$RECIPE: the boundkeyd user must be in the tss group"
 echo "ok"
@@ -171,9 +179,10 @@ echo "systemd-analyze security: exposure $exposure (at most $MAX_EXPOSURE allowe
 python3 -c "import sys; sys.exit(float('$exposure') > float('$MAX_EXPOSURE'))" \
     || die "exposure $exposure of $UNIT is above $MAX_EXPOSURE: a hardening setting was lost"
 # The directories the unit creates are the ones the configuration file names.
-grep -q '^storage = "/var/lib/boundkeyd"' packaging/boundkeyd.toml && grep -q '^StateDirectory=boundkeyd$' "$UNIT" \
-    && grep -q '^destination = "/run/boundkeyd"' packaging/boundkeyd.toml && grep -q '^RuntimeDirectory=boundkeyd$' "$UNIT" \
-    || die "packaging/boundkeyd.toml's storage/destination and the unit's StateDirectory/RuntimeDirectory disagree"
+if ! { grep -q '^storage = "/var/lib/boundkeyd"' packaging/boundkeyd.toml && grep -q '^StateDirectory=boundkeyd$' "$UNIT" \
+    && grep -q '^destination = "/run/boundkeyd"' packaging/boundkeyd.toml && grep -q '^RuntimeDirectory=boundkeyd$' "$UNIT"; }; then
+    die "packaging/boundkeyd.toml's storage/destination and the unit's StateDirectory/RuntimeDirectory disagree"
+fi
 if command -v systemd-sysusers >/dev/null; then
     mkdir -p "$tmp/root/etc" "$tmp/root/usr/lib/sysusers.d"
     cp packaging/boundkeyd.sysusers "$tmp/root/usr/lib/sysusers.d/boundkeyd.conf"
@@ -204,9 +213,6 @@ if [ "$e2e" -eq 1 ]; then
     for b in boundkeyd boundkey-authd boundkeyctl; do
         [ -x "$bin/$b" ] || die "--e2e needs $bin/$b: run cargo build --workspace --bins first"
     done
-    . scripts/deps.sh
-    BOUNDKEY_DEBIAN_PACKAGES+=(strace util-linux)
-    boundkey_install_deps
     export TSS2_LOG=all+none
     user="$(sed -n 's/^User=//p' "$UNIT")"
     group="$(sed -n 's/^Group=//p' "$UNIT")"
@@ -261,7 +267,10 @@ print(p)')"
         local log="$1"; shift
         (
             set -f
-            set -a; . "$t/etc/join.env"; set +a
+            set -a
+            # shellcheck disable=SC1091 # written just above
+            . "$t/etc/join.env"
+            set +a
             umask "$umask_unit"
             local cmd="${exec_start//\$BOUNDKEY_JOIN_ARGS/${BOUNDKEY_JOIN_ARGS:-}}"
             case "$cmd" in *'$'*) die "ExecStart uses a variable --e2e does not know: $exec_start" ;; esac
