@@ -292,3 +292,47 @@ fn dot_bot_names_are_never_issued() {
             .is_err());
     }
 }
+
+/// An identity CA as versions before the profile fix made it: no AKI, no trust-domain SAN, and a
+/// cluster name with upper case. Such state must keep loading, and what it issues now conforms.
+#[test]
+fn identity_cas_made_by_earlier_versions_still_issue_conformant_certificates() {
+    let mut st = AuthorityState::generate("Legacy-Cluster", now()).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&st.identity[0].key_pem).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Legacy-Cluster");
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "boundkey identity CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    p.use_authority_key_identifier_extension = false;
+    st.identity[0].cert_pem = p.self_signed(&ca_key).unwrap().pem();
+    assert!(uri_sans(&st.identity[0].cert_pem).is_empty());
+
+    let a = Authority::load(&st).unwrap();
+    let key = p256::SecretKey::random(&mut rand_core::OsRng);
+    let leaf = a
+        .issue_identity(
+            &claims("Legacy-Cluster", "robot"),
+            &key.public_key(),
+            600,
+            now(),
+        )
+        .unwrap()
+        .certificate_pem;
+    let key_der = key.to_pkcs8_der().unwrap().as_bytes().to_vec();
+    let svid = spiffe_parse(&leaf, &key_der).unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://legacy-cluster/bot/robot"
+    );
+    openssl_strict(&st.identity[0].cert_pem, &leaf, "sslclient").unwrap();
+    if let Some(r) = python_strict(&st.identity[0].cert_pem, &leaf, "client") {
+        r.unwrap();
+    }
+}
