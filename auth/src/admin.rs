@@ -17,7 +17,7 @@ pub const TOKEN_MAX_TTL_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdminError {
-    #[error("invalid name {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
+    #[error("invalid name {0:?}: use 1-64 characters from [A-Za-z0-9._-], not . or ..")]
     InvalidName(String),
     #[error("invalid initial public key: {0}")]
     InvalidPublicKey(boundkey_proto::keys::KeyError),
@@ -33,13 +33,11 @@ pub enum AdminError {
     NotBoundKeypair(String),
 }
 
-/// Checks a bot or token name. Names appear in certificates, URIs and file names.
+/// Checks a bot, token or cluster name. Names appear in certificates, URIs and file names: a bot
+/// name is a SPIFFE ID path segment (so never `.` or `..`), a cluster name becomes the SPIFFE
+/// trust domain in lower case.
 pub fn validate_name(name: &str) -> Result<(), AdminError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let ok = name.len() <= 64 && crate::authority::is_spiffe_path_segment(name);
     if ok {
         Ok(())
     } else {
@@ -253,5 +251,28 @@ mod tests {
         );
         assert!(new_join_token("robot", None, Some(week), true, 0).is_ok());
         assert!(new_join_token("bad name", None, None, false, 0).is_err());
+    }
+
+    #[test]
+    fn dot_segments_are_not_names() {
+        // A bot name is the last segment of a SPIFFE ID; `.` and `..` are forbidden there.
+        for bad in [".", "..", "", "a/b", "a b", &"x".repeat(65)] {
+            assert_eq!(
+                validate_name(bad),
+                Err(AdminError::InvalidName(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+        for good in ["...", ".a", "a..b", "robot-1_x.y", &"x".repeat(64)] {
+            assert_eq!(validate_name(good), Ok(()), "{good:?}");
+        }
+        for bad in [".", ".."] {
+            let req = NewBoundKeypairToken {
+                bot_name: bad.into(),
+                ..Default::default()
+            };
+            assert!(new_bound_keypair_token(req, 0).is_err());
+            assert!(new_join_token(bad, None, None, false, 0).is_err());
+        }
     }
 }

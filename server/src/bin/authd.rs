@@ -29,8 +29,9 @@ struct Start {
     /// Address of the TLS listener for agents; port 0 picks a free port (printed at start).
     #[arg(long, default_value = "0.0.0.0:3025")]
     listen: String,
-    /// Cluster name: issuer and audience of every document, part of SPIFFE ids.
-    #[arg(long)]
+    /// Cluster name: issuer and audience of every document. In lower case it is the SPIFFE
+    /// trust domain (spiffe://CLUSTER/bot/NAME); 1-64 characters from [A-Za-z0-9._-], not . or ..
+    #[arg(long, value_parser = parse_cluster)]
     cluster: String,
     /// Storage URL: sqlite:PATH (default sqlite:DATA_DIR/boundkey.db).
     #[arg(long)]
@@ -61,6 +62,16 @@ struct Start {
     min_cert_ttl: Duration,
 }
 
+/// Refuses at argument parsing what can never be a trust domain or was always refused later.
+/// Upper case is accepted (clusters created before the trust-domain rule must stay loadable
+/// under their name) and lowered in SPIFFE IDs; `main` says so.
+fn parse_cluster(s: &str) -> Result<String, String> {
+    boundkey_auth::admin::validate_name(s)
+        .map_err(|_| "use 1-64 characters from [A-Za-z0-9._-], not . or ..".to_string())?;
+    boundkey_auth::authority::trust_domain(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -71,6 +82,14 @@ fn main() -> ExitCode {
         )
         .init();
     let Cmd::Start(s) = cli.cmd;
+    if s.cluster.bytes().any(|b| b.is_ascii_uppercase()) {
+        eprintln!(
+            "boundkey-authd: warning: cluster name {:?} has upper-case letters; SPIFFE IDs use \
+             the lower-case trust domain {:?}",
+            s.cluster,
+            s.cluster.to_ascii_lowercase()
+        );
+    }
     if s.min_cert_ttl > s.max_cert_ttl {
         eprintln!("boundkey-authd: error: --min-cert-ttl is above --max-cert-ttl");
         return ExitCode::from(2);

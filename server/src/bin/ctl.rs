@@ -11,7 +11,9 @@ use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{Endpoint, EndpointError, JoinMethod};
 use boundkey_server::admin::client::{self, ClientError};
 use boundkey_server::admin::views::{NewCredential, TokenCreated};
-use boundkey_server::admin::{self, CaType, LocksAdd, Operation, TokensAdd, TokensEdit};
+use boundkey_server::admin::{
+    self, CaType, ExportFormat, ExportType, LocksAdd, Operation, TokensAdd, TokensEdit,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
@@ -219,6 +221,17 @@ enum CaCmd {
         kind: CaType,
         #[arg(long, value_parser = humantime::parse_duration)]
         grace_period: Duration,
+    },
+    /// Print public trust material: the identity CA bundle (the SPIFFE trust bundle), the
+    /// join-state verification keys, or the TLS CA. Every key still trusted is included.
+    Export {
+        /// identity, join-state or tls.
+        #[arg(long = "type")]
+        kind: ExportType,
+        /// pem (certificates; public keys for join-state) or jwks (RFC 7517; for identity the
+        /// SPIFFE bundle format).
+        #[arg(long, default_value = "pem")]
+        encoding: ExportFormat,
     },
 }
 
@@ -486,6 +499,14 @@ impl Ctl {
                         fmt_time(r.previous_trusted_until),
                     )
                 });
+            }
+            Cmd::Ca(CaCmd::Export { kind, encoding }) => {
+                let r = self.call(admin::CaExport {
+                    kind,
+                    format: encoding,
+                })?;
+                // Text mode prints the material alone so it can be redirected to a file.
+                self.show(&r, |r| print!("{}", r.data));
             }
         }
         Ok(())
