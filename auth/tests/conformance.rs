@@ -97,15 +97,16 @@ else:
 print("OK")
 "#;
 
-/// Python `cryptography`'s RFC 5280 verifier; None when it is not installed here.
+/// Python `cryptography`'s RFC 5280 verifier (`scripts/deps.sh` installs it). Required: a
+/// missing verifier fails the test instead of silently checking less.
 fn python_strict(bundle: &str, leaf: &str, kind: &str) -> Option<Result<(), String>> {
     let probe = Command::new("python3")
         .args(["-c", "import cryptography.x509.verification"])
         .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("python3 with cryptography >= 42 not found: skipping its verifier");
-        return None;
-    }
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "python3 with cryptography >= 42 is required (pip install 'cryptography>=42', or run scripts/deps.sh)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let ca = write(dir.path(), "bundle.pem", bundle);
     let cert = write(dir.path(), "leaf.pem", leaf);
