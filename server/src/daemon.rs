@@ -33,7 +33,10 @@ pub struct Options {
     pub storage: Option<String>,
     pub tls_names: Vec<String>,
     pub ceremony_timeout: Duration,
+    pub first_frame_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    pub max_pending_per_address: usize,
     pub instance_retention: Duration,
     pub purge_interval: Duration,
     pub service: ServiceConfig,
@@ -254,7 +257,10 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     let (stop_tx, stop_rx) = watch::channel(false);
     let listen_cfg = ListenerConfig {
         ceremony_timeout: opts.ceremony_timeout,
+        first_frame_timeout: opts.first_frame_timeout,
         max_connections: opts.max_connections.max(1),
+        max_connections_per_address: opts.max_connections_per_address.max(1),
+        max_pending_per_address: opts.max_pending_per_address.max(1),
         drain_timeout: opts.ceremony_timeout + Duration::from_secs(5),
     };
     let mut serve = tokio::spawn(listener::run(
