@@ -32,7 +32,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// Matches boundkey-authd's default --max-pending-per-address, so each address's share is
 /// admitted.
-const PER_ADDRESS: usize = 8;
+const PER_ADDRESS: usize = 32;
 
 fn knob(name: &str, full: usize, smoke: usize, is_bench: bool) -> usize {
     std::env::var(name)
@@ -49,7 +49,7 @@ async fn tcp_from(src: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> 
 
 /// Source address of attacker `i` in 127.0.`net`.x.
 fn source(net: u8, i: usize) -> [u8; 4] {
-    let host = u8::try_from(1 + i / PER_ADDRESS).expect("at most 2032 attackers per kind");
+    let host = u8::try_from(1 + i / PER_ADDRESS).expect("at most 8160 attackers per kind");
     [127, 0, net, host]
 }
 

@@ -48,10 +48,10 @@ struct Start {
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
     /// Most connections from one address (an IPv6 /64) at once; more are closed at once.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 128)]
     max_connections_per_address: usize,
     /// Most connections from one address that have not yet sent a valid first message.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     max_pending_per_address: usize,
     /// How long an expired bot instance stays listed before it is purged.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
