@@ -171,6 +171,8 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     // Absolute, so the printed paths and hints work from any working directory.
     let dir = std::fs::canonicalize(&opts.data_dir).map_err(dir_err(&opts.data_dir))?;
     let _dir_lock = lock_data_dir(&dir)?;
+    // Before the start-up summary, so its warning precedes "listening".
+    let max_connections = fit_open_file_limit(opts.max_connections.max(1));
 
     let storage = match &opts.storage {
         Some(s) => StorageUrl::parse(s)?,
@@ -258,7 +260,7 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     let listen_cfg = ListenerConfig {
         ceremony_timeout: opts.ceremony_timeout,
         first_frame_timeout: opts.first_frame_timeout,
-        max_connections: fit_open_file_limit(opts.max_connections.max(1)),
+        max_connections,
         max_connections_per_address: opts.max_connections_per_address.max(1),
         max_pending_per_address: opts.max_pending_per_address.max(1),
         drain_timeout: opts.ceremony_timeout + Duration::from_secs(5),

@@ -89,14 +89,14 @@ pub async fn run(
         let admission = match limits.admit(peer.ip()) {
             Ok(a) => a,
             Err(cap) => {
-                // Closed before any TLS work: an over-cap connection costs one accept.
-                drop(tcp);
                 refused += 1;
                 if last_refusal_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
                     tracing::warn!(%peer, %cap, refused, "closed connections over a per-address cap");
                     refused = 0;
                     last_refusal_log = Some(Instant::now());
                 }
+                // Closed before any TLS work: an over-cap connection costs one accept.
+                drop(tcp);
                 continue;
             }
         };
