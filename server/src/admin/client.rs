@@ -24,6 +24,8 @@ pub enum ClientError {
         owner: SocketOwner,
         me: u32,
     },
+    #[error("admin socket {path}: boundkey-authd closed the connection without answering (did it stop?)")]
+    NoAnswer { path: PathBuf },
     #[error("admin socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("admin socket {path}: cannot encode the request: {source}")]
@@ -68,6 +70,22 @@ fn permission_denied(socket: &Path) -> ClientError {
     }
 }
 
+/// The server hung up without answering. It does that to a peer whose uid it refuses (it
+/// answers every request it accepts, errors included), so when the socket belongs to another
+/// user that is the likely reason; otherwise the server probably stopped mid-request.
+fn closed_without_answer(socket: &Path) -> ClientError {
+    match permission_denied(socket) {
+        e @ ClientError::PermissionDenied {
+            owner: SocketOwner::Uid(owner),
+            me,
+            ..
+        } if owner != me && me != 0 => e,
+        _ => ClientError::NoAnswer {
+            path: socket.to_path_buf(),
+        },
+    }
+}
+
 /// Sends one operation and decodes the server's answer as that operation's answer type.
 pub fn call<O: Operation>(socket: &Path, op: O) -> Result<O::Answer, ClientError> {
     let value = call_raw(socket, &op.into())?;
@@ -77,8 +95,7 @@ pub fn call<O: Operation>(socket: &Path, op: O) -> Result<O::Answer, ClientError
     })
 }
 
-/// The server hung up without answering, which it does only to a peer it refuses (it answers
-/// every request it accepts, errors included).
+/// The server hung up (before or instead of answering).
 fn hung_up(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -119,11 +136,11 @@ pub fn call_raw(socket: &Path, req: &Request) -> Result<serde_json::Value, Clien
     let mut resp = String::new();
     match BufReader::new(&stream).read_line(&mut resp) {
         Ok(_) => {}
-        Err(e) if hung_up(&e) && resp.is_empty() => return Err(permission_denied(socket)),
+        Err(e) if hung_up(&e) && resp.is_empty() => return Err(closed_without_answer(socket)),
         Err(e) => return Err(io_err(e)),
     }
     if resp.is_empty() {
-        return Err(permission_denied(socket));
+        return Err(closed_without_answer(socket));
     }
     let resp: Response =
         serde_json::from_str(resp.trim_end()).map_err(|source| ClientError::Malformed {
