@@ -42,9 +42,18 @@ struct Start {
     /// Deadline for one connection: TLS handshake plus the whole ceremony.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     ceremony_timeout: Duration,
+    /// Deadline from connect to the first valid message (TLS handshake included).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    first_frame_timeout: Duration,
     /// Most connections served at once; more wait in the listen backlog.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most connections from one address (an IPv6 /64) at once; more are closed at once.
+    #[arg(long, default_value_t = 128)]
+    max_connections_per_address: usize,
+    /// Most connections from one address that have not yet sent a valid first message.
+    #[arg(long, default_value_t = 32)]
+    max_pending_per_address: usize,
     /// How long an expired bot instance stays listed before it is purged.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     instance_retention: Duration,
@@ -101,7 +110,10 @@ fn main() -> ExitCode {
         storage: s.storage,
         tls_names: s.tls_names,
         ceremony_timeout: s.ceremony_timeout,
+        first_frame_timeout: s.first_frame_timeout,
         max_connections: s.max_connections,
+        max_connections_per_address: s.max_connections_per_address,
+        max_pending_per_address: s.max_pending_per_address,
         instance_retention: s.instance_retention,
         purge_interval: s.purge_interval,
         service: ServiceConfig {
