@@ -98,7 +98,8 @@ struct TokensAddArgs {
     /// Pre-registered bound public key, `ecdsa-sha2-nistp256 AAAA…` (no registration secret).
     #[arg(long)]
     initial_public_key: Option<String>,
-    /// Registration secret to use (generated when neither this nor a public key is given).
+    /// Registration secret to use, at least 16 characters (a random one is generated when
+    /// neither this nor a public key is given).
     #[arg(long)]
     registration_secret: Option<String>,
     #[arg(long)]

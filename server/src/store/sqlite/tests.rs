@@ -98,6 +98,7 @@ fn token_revisions_and_spec_update_never_touch_status() {
         }),
         instance: InstanceWrite::Create(instance("i1", "robot", 1000)),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
 
@@ -140,6 +141,7 @@ fn conflicting_commit_leaves_nothing_written() {
         }),
         instance: InstanceWrite::Create(instance("i-new", "robot", 1000)),
         audit: vec![audit("bot.join", 2), audit("bound_keypair.recovery", 2)],
+        lock_guard: None,
     };
     assert!(matches!(s.commit(&stale), Err(StoreError::Conflict(_))));
     assert_eq!(s.get_token("t1").unwrap().unwrap(), before_token);
@@ -152,6 +154,7 @@ fn conflicting_commit_leaves_nothing_written() {
         token: None,
         instance: InstanceWrite::Create(existing.clone()),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
     existing.status.generation = 9;
@@ -163,6 +166,7 @@ fn conflicting_commit_leaves_nothing_written() {
         }),
         instance: InstanceWrite::Create(existing),
         audit: vec![audit("bot.join", 3)],
+        lock_guard: None,
     };
     assert!(matches!(s.commit(&dup), Err(StoreError::AlreadyExists(_))));
     assert_eq!(s.get_token("t1").unwrap().unwrap().revision, 1);
@@ -186,6 +190,7 @@ fn conflicting_commit_leaves_nothing_written() {
             expected_revision: 5,
         },
         audit: vec![audit("bot.join", 4)],
+        lock_guard: None,
     };
     assert!(matches!(
         s.commit(&stale_inst),
@@ -221,6 +226,7 @@ fn commit_to_missing_token_is_not_found() {
         }),
         instance: InstanceWrite::Create(instance("i1", "robot", 1)),
         audit: vec![],
+        lock_guard: None,
     };
     assert!(matches!(s.commit(&c), Err(StoreError::NotFound(_))));
     assert_eq!(s.get_instance("i1").unwrap(), None);
@@ -235,6 +241,7 @@ fn instance_update_cas_list_and_purge() {
             token: None,
             instance: InstanceWrite::Create(instance(id, bot, exp)),
             audit: vec![],
+            lock_guard: None,
         })
         .unwrap();
     }
@@ -338,12 +345,14 @@ fn bots_and_cascading_delete() {
         token: None,
         instance: InstanceWrite::Create(instance("i1", "robot", 1)),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
     s.commit(&Commit {
         token: None,
         instance: InstanceWrite::Create(instance("i2", "other", 1)),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
     assert_eq!(s.list_bots().unwrap().len(), 2);
@@ -392,6 +401,7 @@ fn data_survives_reopen() {
             token: None,
             instance: InstanceWrite::Create(instance("i1", "robot", 77)),
             audit: vec![audit("bot.join", 6)],
+            lock_guard: None,
         })
         .unwrap();
     }
@@ -456,6 +466,7 @@ fn concurrent_commits_on_one_token_only_one_wins() {
                     }),
                     instance: InstanceWrite::Create(instance(&format!("i{n}"), "robot", 1)),
                     audit: vec![audit("bot.join", 1)],
+                    lock_guard: None,
                 })
             })
         })
