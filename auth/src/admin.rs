@@ -84,9 +84,18 @@ pub fn hash_registration_secret(secret: &str) -> String {
     )
 }
 
+/// `ring`'s PBKDF2 (already in the tree through rustls): optimised even in debug builds, where
+/// a generic implementation would be instantiated unoptimised in this crate.
 fn pbkdf2_sha256(secret: &str, salt: &[u8], rounds: u32) -> [u8; 32] {
     let mut out = [0u8; 32];
-    pbkdf2::pbkdf2_hmac::<Sha256>(secret.as_bytes(), salt, rounds, &mut out);
+    let rounds = std::num::NonZeroU32::new(rounds).unwrap_or(std::num::NonZeroU32::MIN);
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        rounds,
+        salt,
+        secret.as_bytes(),
+        &mut out,
+    );
     out
 }
 

@@ -490,3 +490,84 @@ fn concurrent_commits_on_one_token_only_one_wins() {
         Some(s.list_instances(None).unwrap()[0].spec.instance_id.clone())
     );
 }
+
+/// Issue 8 defect 7: the commit re-reads the locks inside its transaction, so a lock placed
+/// after the ceremony's snapshot stops it and nothing is written.
+#[test]
+fn commit_is_refused_by_an_active_lock_on_a_guarded_target() {
+    use boundkey_auth::store::LockGuard;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.create_token(&token("t1")).unwrap();
+    let lock = |name: &str, target: LockTarget, expires: Option<UnixTime>| Lock {
+        name: name.into(),
+        target,
+        message: "m".into(),
+        expires,
+        created_by: "admin".into(),
+        created_at: 1,
+    };
+    // Expired, and on another target: neither stops the commit below.
+    s.add_lock(&lock("old", LockTarget::Bot("robot".into()), Some(50)))
+        .unwrap();
+    s.add_lock(&lock("other", LockTarget::Bot("other".into()), None))
+        .unwrap();
+    let commit = |id: &str| Commit {
+        token: Some(TokenWrite {
+            name: "t1".into(),
+            expected_revision: s.get_token("t1").unwrap().unwrap().revision,
+            status: TokenStatus::default(),
+        }),
+        instance: InstanceWrite::Create(instance(id, "robot", 1000)),
+        audit: vec![audit("bot.join", 100)],
+        lock_guard: Some(LockGuard {
+            targets: vec![
+                LockTarget::Bot("robot".into()),
+                LockTarget::JoinToken("t1".into()),
+            ],
+            at: 100,
+        }),
+    };
+    s.commit(&commit("i1")).unwrap();
+    s.add_lock(&lock("new", LockTarget::JoinToken("t1".into()), None))
+        .unwrap();
+    let before = s.get_token("t1").unwrap().unwrap();
+    let audit_before = s.list_audit(&AuditQuery::default()).unwrap().len();
+    match s.commit(&commit("i2")) {
+        Err(StoreError::Locked(name)) => assert_eq!(name, "new"),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert_eq!(s.get_token("t1").unwrap().unwrap(), before);
+    assert_eq!(s.get_instance("i2").unwrap(), None);
+    assert_eq!(
+        s.list_audit(&AuditQuery::default()).unwrap().len(),
+        audit_before
+    );
+}
+
+/// Issue 8 defect 6: audit retention.
+#[test]
+fn purge_audit_deletes_only_events_older_than_the_cutoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    for t in [10, 20, 30] {
+        s.append_audit(&audit("bot.join", t)).unwrap();
+    }
+    assert_eq!(s.purge_audit(20).unwrap(), 1);
+    let left: Vec<_> = s
+        .list_audit(&AuditQuery::default())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.time)
+        .collect();
+    assert_eq!(left, vec![30, 20]);
+    // Ids keep increasing after a purge.
+    s.append_audit(&audit("bot.join", 40)).unwrap();
+    let ids: Vec<_> = s
+        .list_audit(&AuditQuery::default())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec![4, 3, 2]);
+}
