@@ -194,9 +194,7 @@ fn a_token_join_decided_before_a_lock_does_not_commit_after_it() {
     let msg = TokenJoin {
         token: Some(secret),
         params: BotParams {
-            identity_public_key: keys::pkix_b64(&p256::PublicKey::from(
-                new_key().verifying_key(),
-            )),
+            identity_public_key: keys::pkix_b64(&p256::PublicKey::from(new_key().verifying_key())),
             ttl_secs: 600,
         },
     };
