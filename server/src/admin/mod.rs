@@ -459,7 +459,8 @@ impl From<boundkey_auth::store::StoreError> for AdminError {
     fn from(e: boundkey_auth::store::StoreError) -> Self {
         use boundkey_auth::store::StoreError as S;
         let code = match &e {
-            S::Conflict(_) => ErrorKind::Conflict,
+            // Only ceremony commits check locks; no admin operation sees `Locked`.
+            S::Conflict(_) | S::Locked(_) => ErrorKind::Conflict,
             S::AlreadyExists(_) => ErrorKind::AlreadyExists,
             S::NotFound(_) => ErrorKind::NotFound,
             S::Backend(_) => ErrorKind::Internal,

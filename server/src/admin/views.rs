@@ -160,6 +160,10 @@ impl From<&TokenStatus> for TokenStatusView {
             last_recovered_at,
             last_rotated_at,
             join_count,
+            // Key histories the ceremony keeps for its own checks; not shown to operators.
+            retired_public_keys: _,
+            seen_identity_keys: _,
+            redeliverable_identity_key: _,
         } = s;
         TokenStatusView {
             bound_public_key: bound_public_key.clone(),

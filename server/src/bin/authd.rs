@@ -57,6 +57,9 @@ struct Start {
     /// How long an expired bot instance stays listed before it is purged.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     instance_retention: Duration,
+    /// How long audit events are kept (0 keeps them forever).
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    audit_retention: Duration,
     /// How often expired instances are purged.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     purge_interval: Duration,
@@ -120,6 +123,8 @@ fn main() -> ExitCode {
             default_ttl_secs: s.default_cert_ttl.as_secs(),
             max_ttl_secs: s.max_cert_ttl.as_secs(),
             min_ttl_secs: s.min_cert_ttl.as_secs(),
+            audit_retention_secs: s.audit_retention.as_secs(),
+            ..ServiceConfig::default()
         },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -66,6 +66,8 @@ const MIGRATIONS: &[&str] = &[
         revision    INTEGER NOT NULL
     );
     ",
+    // 2: audit retention deletes by time.
+    "CREATE INDEX audit_time ON audit(time);",
 ];
 
 /// Why the database could not be opened. Always names the file.
@@ -523,6 +525,14 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
+        // Locks are read under the write lock too: one added while the ceremony ran (after its
+        // snapshot) stops the commit, and none can be added between this check and the writes.
+        if let Some(guard) = &c.lock_guard {
+            let locks = read_locks(&tx).map_err(|e| self.map_tx(e))?;
+            if let Some(l) = guard.blocking(&locks) {
+                return Err(StoreError::Locked(l.name.clone()));
+            }
+        }
         if let Some(tw) = &c.token {
             let status = to_json(&tw.status)?;
             let n = tx
@@ -621,6 +631,12 @@ impl Store for SqliteStore {
             Ok(ev)
         })
         .collect()
+    }
+
+    fn purge_audit(&self, cutoff: UnixTime) -> Result<usize, StoreError> {
+        self.conn()?
+            .execute("DELETE FROM audit WHERE time < ?1", [cutoff])
+            .map_err(|e| self.err(e))
     }
 
     fn load_authority(&self) -> Result<Option<(AuthorityState, u64)>, StoreError> {
@@ -741,6 +757,17 @@ fn update_instance_tx(
         .into());
     }
     Ok(())
+}
+
+fn read_locks(conn: &Connection) -> Result<Vec<Lock>, TxError> {
+    let mut stmt = conn.prepare_cached("SELECT name, doc FROM locks")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut locks = Vec::new();
+    for row in rows {
+        let (name, doc) = row?;
+        locks.push(from_json(&format!("lock {name}"), &doc)?);
+    }
+    Ok(locks)
 }
 
 fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), TxError> {
