@@ -23,6 +23,16 @@ boundkey_install_deps() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# Python's `cryptography` (>= 42) is the second strict RFC 5280 verifier in the conformance tests;
+# Debian 12's python3-cryptography predates its verifier, so it comes from PyPI.
+boundkey_install_python_deps() {
+    python3 -c 'import cryptography.x509.verification' 2>/dev/null && return 0
+    echo "installing Python package: cryptography>=42" >&2
+    python3 -m pip install --quiet 'cryptography>=42' \
+        || python3 -m pip install --quiet --break-system-packages 'cryptography>=42'
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     boundkey_install_deps
+    boundkey_install_python_deps
 fi

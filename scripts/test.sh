@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 boundkey_install_deps
+boundkey_install_python_deps
 
 # libtss2 logs every TPM error response at WARNING; tests provoke many on purpose.
 export TSS2_LOG="${TSS2_LOG:-all+none}"

@@ -1,6 +1,8 @@
 //! Administrative operations that need auth-side rules (secret generation and hashing, spec
 //! validation, rotation requests). Listing and deleting are plain [`crate::store::Store`] calls.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{JoinMethod, UnixTime};
 use rand_core::{OsRng, RngCore};
@@ -17,11 +19,11 @@ pub const TOKEN_MAX_TTL_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdminError {
-    #[error("invalid name {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
+    #[error("invalid name {0:?}: use 1-64 characters from [A-Za-z0-9._-], not . or ..")]
     InvalidName(String),
     #[error("invalid initial public key: {0}")]
     InvalidPublicKey(boundkey_proto::keys::KeyError),
-    #[error("registration secret must be at least 8 characters")]
+    #[error("registration secret must be at least {MIN_SECRET_CHARS} characters (omit it to have a random one generated)")]
     WeakSecret,
     #[error("--initial-public-key and --registration-secret are mutually exclusive")]
     BothOnboardingMethods,
@@ -33,13 +35,11 @@ pub enum AdminError {
     NotBoundKeypair(String),
 }
 
-/// Checks a bot or token name. Names appear in certificates, URIs and file names.
+/// Checks a bot, token or cluster name. Names appear in certificates, URIs and file names: a bot
+/// name is a SPIFFE ID path segment (so never `.` or `..`), a cluster name becomes the SPIFFE
+/// trust domain in lower case.
 pub fn validate_name(name: &str) -> Result<(), AdminError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let ok = name.len() <= 64 && crate::authority::is_spiffe_path_segment(name);
     if ok {
         Ok(())
     } else {
@@ -47,12 +47,88 @@ pub fn validate_name(name: &str) -> Result<(), AdminError> {
     }
 }
 
-/// SHA-256 hex of a secret; only hashes of secrets are stored.
+/// Shortest registration secret an administrator may choose. Generated secrets are 32 hex
+/// digits (128 bits); a chosen one of 16 characters is still out of reach of an online guesser
+/// held to the service's throttle.
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// PBKDF2-HMAC-SHA256 rounds for stored registration secrets. The count is stored with each
+/// hash, so raising it later leaves existing hashes verifying.
+pub const SECRET_HASH_ROUNDS: u32 = 100_000;
+
+/// Tag of a stored registration-secret hash: `pbkdf2-sha256$ROUNDS$SALT$HASH` (base64url).
+const SECRET_HASH_SCHEME: &str = "pbkdf2-sha256";
+
+/// SHA-256 hex of a secret. Used as the *name* of a `token`-method token (a lookup key for a
+/// 128-bit random secret, so it cannot be salted), and as the legacy form of a stored
+/// registration secret.
 pub fn hash_secret(secret: &str) -> String {
     Sha256::digest(secret.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A registration secret as stored: salted and slow (PBKDF2-HMAC-SHA256, a random 16-byte
+/// salt), so a leaked database does not give the secrets away to an offline guesser.
+pub fn hash_registration_secret(secret: &str) -> String {
+    let mut salt = [0u8; 16];
+    OsRng.fill_bytes(&mut salt);
+    let dk = pbkdf2_sha256(secret, &salt, SECRET_HASH_ROUNDS);
+    format!(
+        "{SECRET_HASH_SCHEME}${SECRET_HASH_ROUNDS}${}${}",
+        URL_SAFE_NO_PAD.encode(salt),
+        URL_SAFE_NO_PAD.encode(dk)
+    )
+}
+
+/// `ring`'s PBKDF2 (already in the tree through rustls): optimised even in debug builds, where
+/// a generic implementation would be instantiated unoptimised in this crate.
+fn pbkdf2_sha256(secret: &str, salt: &[u8], rounds: u32) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let rounds = std::num::NonZeroU32::new(rounds).unwrap_or(std::num::NonZeroU32::MIN);
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        rounds,
+        salt,
+        secret.as_bytes(),
+        &mut out,
+    );
+    out
+}
+
+/// Highest round count accepted from a stored hash: a corrupted or hostile row must not make
+/// one verification take minutes.
+const MAX_SECRET_HASH_ROUNDS: u32 = 10_000_000;
+
+/// Whether `secret` matches a stored registration-secret hash, compared in constant time.
+/// Accepts the salted form of [`hash_registration_secret`] and, for tokens created before it,
+/// the legacy unsalted SHA-256 hex (still verifying; it is replaced when the secret is used,
+/// since a used secret is cleared). Anything else never matches.
+pub fn verify_registration_secret(secret: &str, stored: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let mut parts = stored.split('$');
+    let (Some(scheme), Some(rounds), Some(salt), Some(hash), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        let legacy = stored.len() == 64 && stored.bytes().all(|b| b.is_ascii_hexdigit());
+        return legacy && bool::from(hash_secret(secret).as_bytes().ct_eq(stored.as_bytes()));
+    };
+    let (Ok(rounds), Ok(salt), Ok(hash)) = (
+        rounds.parse::<u32>(),
+        URL_SAFE_NO_PAD.decode(salt),
+        URL_SAFE_NO_PAD.decode(hash),
+    ) else {
+        return false;
+    };
+    if scheme != SECRET_HASH_SCHEME || rounds == 0 || rounds > MAX_SECRET_HASH_ROUNDS {
+        return false;
+    }
+    bool::from(pbkdf2_sha256(secret, &salt, rounds).ct_eq(hash.as_slice()))
 }
 
 /// 128 random bits as 32 lowercase hex digits: what the server generates when the admin chose
@@ -105,7 +181,9 @@ pub fn new_bound_keypair_token(
     };
     let secret = match (&initial_public_key, req.registration_secret) {
         (Some(_), _) => None,
-        (None, Some(s)) if s.chars().count() < 8 => return Err(AdminError::WeakSecret),
+        (None, Some(s)) if s.chars().count() < MIN_SECRET_CHARS => {
+            return Err(AdminError::WeakSecret)
+        }
         (None, Some(s)) => Some(s),
         (None, None) => Some(random_secret()),
     };
@@ -129,7 +207,7 @@ pub fn new_bound_keypair_token(
             max_joins: None,
         },
         status: TokenStatus {
-            registration_secret_hash: secret.as_deref().map(hash_secret),
+            registration_secret_hash: secret.as_deref().map(hash_registration_secret),
             ..TokenStatus::default()
         },
         revision: 0,
@@ -204,10 +282,9 @@ mod tests {
         let secret = secret.unwrap();
         assert_eq!(secret.len(), 32);
         assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()), "{secret}");
-        assert_eq!(
-            t.status.registration_secret_hash,
-            Some(hash_secret(&secret))
-        );
+        let stored = t.status.registration_secret_hash.clone().unwrap();
+        assert!(verify_registration_secret(&secret, &stored));
+        assert!(!verify_registration_secret("not the secret", &stored));
         assert!(!serde_json::to_string(&t).unwrap().contains(&secret));
         assert_eq!(t.spec.bound_keypair.unwrap().recovery.limit, 1);
     }
@@ -231,13 +308,53 @@ mod tests {
             Err(AdminError::InvalidPublicKey(_))
         ));
         let both = NewBoundKeypairToken {
-            registration_secret: Some("longenough".into()),
+            registration_secret: Some("long enough secret".into()),
             ..req
         };
         assert_eq!(
             new_bound_keypair_token(both, 1).unwrap_err(),
             AdminError::BothOnboardingMethods
         );
+    }
+
+    #[test]
+    fn registration_secrets_are_salted_slow_hashes_and_legacy_hashes_still_verify() {
+        let a = hash_registration_secret("correct horse battery");
+        let b = hash_registration_secret("correct horse battery");
+        assert_ne!(a, b, "salted: one secret, two hashes");
+        assert!(
+            a.starts_with(&format!("pbkdf2-sha256${SECRET_HASH_ROUNDS}$")),
+            "{a}"
+        );
+        assert!(verify_registration_secret("correct horse battery", &a));
+        assert!(!verify_registration_secret("correct horse batterx", &a));
+        // Tokens created before salting stored the bare SHA-256.
+        let legacy = hash_secret("correct horse battery");
+        assert!(verify_registration_secret("correct horse battery", &legacy));
+        assert!(!verify_registration_secret("wrong", &legacy));
+        for garbage in [
+            "",
+            "$",
+            "pbkdf2-sha256$0$AA$AA",
+            "md5$1$AA$AA",
+            "pbkdf2-sha256$99999999999$AA$AA",
+        ] {
+            assert!(!verify_registration_secret("", garbage), "{garbage}");
+        }
+    }
+
+    #[test]
+    fn chosen_registration_secrets_need_sixteen_characters() {
+        let req = |s: &str| NewBoundKeypairToken {
+            bot_name: "robot".into(),
+            registration_secret: Some(s.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            new_bound_keypair_token(req("fifteen chars!!"), 1).unwrap_err(),
+            AdminError::WeakSecret
+        );
+        assert!(new_bound_keypair_token(req("sixteen chars!!!"), 1).is_ok());
     }
 
     #[test]
@@ -253,5 +370,28 @@ mod tests {
         );
         assert!(new_join_token("robot", None, Some(week), true, 0).is_ok());
         assert!(new_join_token("bad name", None, None, false, 0).is_err());
+    }
+
+    #[test]
+    fn dot_segments_are_not_names() {
+        // A bot name is the last segment of a SPIFFE ID; `.` and `..` are forbidden there.
+        for bad in [".", "..", "", "a/b", "a b", &"x".repeat(65)] {
+            assert_eq!(
+                validate_name(bad),
+                Err(AdminError::InvalidName(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+        for good in ["...", ".a", "a..b", "robot-1_x.y", &"x".repeat(64)] {
+            assert_eq!(validate_name(good), Ok(()), "{good:?}");
+        }
+        for bad in [".", ".."] {
+            let req = NewBoundKeypairToken {
+                bot_name: bad.into(),
+                ..Default::default()
+            };
+            assert!(new_bound_keypair_token(req, 0).is_err());
+            assert!(new_join_token(bad, None, None, false, 0).is_err());
+        }
     }
 }

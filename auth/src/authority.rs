@@ -5,6 +5,12 @@
 //! Rotation keeps the previous key trusted for a grace period: certificates and documents it
 //! signed keep verifying until then, while everything new is signed by the new key. That is what
 //! lets an agent renew straight through a rotation.
+//!
+//! Certificate profile (RFC 5280 and the SPIFFE X509-SVID specification; `docs/protocol.md`
+//! lists it): every certificate carries a Subject Key Identifier, every issued one an Authority
+//! Key Identifier equal to its CA's SKI; CAs are `cA=true` with keyCertSign and cRLSign, leaves
+//! `cA=false` with digitalSignature only. An identity leaf carries exactly one URI SAN,
+//! `spiffe://TRUST_DOMAIN/bot/NAME`, and a new identity CA the trust domain's own SPIFFE ID.
 
 use std::time::Duration;
 
@@ -41,6 +47,48 @@ pub enum AuthorityError {
     NoActiveKey(&'static str),
     #[error("invalid time")]
     Time,
+    #[error("cluster name {0:?} cannot be a SPIFFE trust domain")]
+    InvalidTrustDomain(String),
+    #[error("bot name {0:?} cannot be a SPIFFE ID path segment")]
+    InvalidBotName(String),
+}
+
+/// The SPIFFE trust domain of a cluster: its name in lower case. Trust domains are lower case
+/// (SPIFFE ID specification §2.1) while cluster names created before this rule may carry upper
+/// case; lowering keeps such data directories loadable and their SPIFFE IDs conformant. Cluster
+/// names stay as given everywhere else (issuer and audience of documents, the identity claims).
+pub fn trust_domain(cluster: &str) -> Result<String, AuthorityError> {
+    let td = cluster.to_ascii_lowercase();
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(td)
+    } else {
+        Err(AuthorityError::InvalidTrustDomain(cluster.into()))
+    }
+}
+
+/// Whether `segment` may be one segment of a SPIFFE ID path: not empty, not `.` or `..`, only
+/// `[A-Za-z0-9._-]` (SPIFFE ID specification §2.2).
+pub fn is_spiffe_path_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment != "."
+        && segment != ".."
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The SPIFFE ID of a bot: `spiffe://TRUST_DOMAIN/bot/NAME`. Refuses a name that is not a valid
+/// path segment, so no certificate is ever issued with a dot segment or a stray `/`.
+pub fn bot_spiffe_id(trust_domain: &str, bot_name: &str) -> Result<String, AuthorityError> {
+    if !is_spiffe_path_segment(bot_name) {
+        return Err(AuthorityError::InvalidBotName(bot_name.into()));
+    }
+    Ok(format!("spiffe://{trust_domain}/bot/{bot_name}"))
 }
 
 /// Why a presented client certificate was not accepted.
@@ -126,22 +174,33 @@ fn offset(t: UnixTime) -> Result<time::OffsetDateTime, AuthorityError> {
     time::OffsetDateTime::from_unix_timestamp(t).map_err(|_| AuthorityError::Time)
 }
 
-fn new_ca(cluster: &str, purpose: &str, now: UnixTime) -> Result<CaKeyState, AuthorityError> {
+fn new_ca(
+    cluster: &str,
+    purpose: &str,
+    spiffe_id: Option<String>,
+    now: UnixTime,
+) -> Result<CaKeyState, AuthorityError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, cluster);
     dn.push(DnType::CommonName, format!("boundkey {purpose} CA {now}"));
     params.distinguished_name = dn;
+    // rcgen writes the SKI (SHA-256 of the SPKI, truncated) for every CA; on a self-signed CA
+    // the AKI repeats it, which strict path builders use to pick the anchor.
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+    params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    if let Some(id) = spiffe_id {
+        params.subject_alt_names = vec![SanType::URI(id.try_into()?)];
+    }
     params.not_before = offset(now - NOT_BEFORE_SKEW_SECS)?;
     params.not_after = offset(now + CA_VALIDITY_SECS)?;
-    params.use_authority_key_identifier_extension = false;
     let cert = params.self_signed(&key)?;
     let pk = spki_public_key(&key.subject_public_key_info(), "new")?;
     Ok(CaKeyState {
@@ -152,6 +211,12 @@ fn new_ca(cluster: &str, purpose: &str, now: UnixTime) -> Result<CaKeyState, Aut
         active: true,
         trusted_until: None,
     })
+}
+
+/// `spiffe://TRUST_DOMAIN`: the SPIFFE ID an identity CA carries (X509-SVID §4.1 allows a
+/// signing certificate to name its trust domain this way).
+fn td_id(cluster: &str) -> Result<String, AuthorityError> {
+    Ok(format!("spiffe://{}", trust_domain(cluster)?))
 }
 
 fn spki_public_key(spki: &[u8], kid: &str) -> Result<p256::PublicKey, AuthorityError> {
@@ -167,9 +232,9 @@ impl AuthorityState {
     pub fn generate(cluster: &str, now: UnixTime) -> Result<Self, AuthorityError> {
         Ok(AuthorityState {
             cluster: cluster.to_string(),
-            tls: new_ca(cluster, "TLS", now)?,
-            identity: vec![new_ca(cluster, "identity", now)?],
-            join_state: vec![new_ca(cluster, "join-state", now)?],
+            tls: new_ca(cluster, "TLS", None, now)?,
+            identity: vec![new_ca(cluster, "identity", Some(td_id(cluster)?), now)?],
+            join_state: vec![new_ca(cluster, "join-state", None, now)?],
         })
     }
 
@@ -181,11 +246,11 @@ impl AuthorityState {
         grace_secs: u64,
         now: UnixTime,
     ) -> Result<String, AuthorityError> {
-        let (list, purpose) = match kind {
-            CaKind::Identity => (&mut self.identity, "identity"),
-            CaKind::JoinState => (&mut self.join_state, "join-state"),
+        let (list, purpose, spiffe_id) = match kind {
+            CaKind::Identity => (&mut self.identity, "identity", Some(td_id(&self.cluster)?)),
+            CaKind::JoinState => (&mut self.join_state, "join-state", None),
         };
-        let fresh = new_ca(&self.cluster, purpose, now)?;
+        let fresh = new_ca(&self.cluster, purpose, spiffe_id, now)?;
         let kid = fresh.kid.clone();
         let until = now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
         for k in list.iter_mut().filter(|k| k.active) {
@@ -247,6 +312,8 @@ pub struct IssuedIdentity {
 /// new one), so it can be shared across ceremonies behind an `Arc`.
 pub struct Authority {
     cluster: String,
+    /// The cluster name in lower case; checked at load.
+    trust_domain: String,
     tls: LoadedCa,
     identity: Vec<LoadedCa>,
     join_state: Vec<LoadedJoinStateKey>,
@@ -314,6 +381,7 @@ impl Authority {
     pub fn load(state: &AuthorityState) -> Result<Self, AuthorityError> {
         Ok(Authority {
             cluster: state.cluster.clone(),
+            trust_domain: trust_domain(&state.cluster)?,
             tls: load_ca(&state.tls)?,
             identity: state
                 .identity
@@ -330,6 +398,11 @@ impl Authority {
 
     pub fn cluster(&self) -> &str {
         &self.cluster
+    }
+
+    /// The SPIFFE trust domain of this cluster (see [`trust_domain`]).
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// PEM of the TLS CA certificate (`DIR/ca.pem`).
@@ -353,6 +426,7 @@ impl Authority {
         );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf_profile(&mut params);
         params.not_before = offset(now - NOT_BEFORE_SKEW_SECS)?;
         params.not_after = offset(now + SERVER_CERT_VALIDITY_SECS)?;
         let cert = params.signed_by(&key, &self.tls.issuer)?;
@@ -409,13 +483,14 @@ impl Authority {
         dn.push(DnType::OrganizationName, self.cluster.as_str());
         dn.push(DnType::CommonName, claims.bot_name.as_str());
         params.distinguished_name = dn;
-        let spiffe = format!("spiffe://{}/bot/{}", self.cluster, claims.bot_name);
+        let spiffe = bot_spiffe_id(&self.trust_domain, &claims.bot_name)?;
         params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
         ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf_profile(&mut params);
         let not_before = now - NOT_BEFORE_SKEW_SECS;
         let expires = now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX));
         params.not_before = offset(not_before)?;
@@ -508,6 +583,51 @@ impl Authority {
         })
     }
 
+    /// Public keys of the join-state keys trusted now (the active one and any still in their
+    /// grace period), as SPKI PEM blocks. Relying parties that check join-state documents
+    /// themselves use these.
+    pub fn join_state_public_pem(&self, now: UnixTime) -> Result<String, AuthorityError> {
+        use p256::pkcs8::{EncodePublicKey, LineEnding};
+        let mut out = String::new();
+        for k in self.join_state.iter().filter(|k| k.state.trusted(now)) {
+            let pem =
+                k.public
+                    .to_public_key_pem(LineEnding::LF)
+                    .map_err(|e| AuthorityError::BadKey {
+                        kid: k.state.kid.clone(),
+                        detail: e.to_string(),
+                    })?;
+            out.push_str(&pem);
+        }
+        Ok(out)
+    }
+
+    /// The join-state keys trusted now as an RFC 7517 JWK set; each `kid` is the one the
+    /// documents' JWS headers carry, so a verifier picks the key by header.
+    pub fn join_state_jwks(&self, now: UnixTime) -> Jwks {
+        Jwks {
+            keys: self
+                .join_state
+                .iter()
+                .filter(|k| k.state.trusted(now))
+                .map(|k| Jwk::es256(&k.public, &k.state.kid, "sig", None))
+                .collect(),
+        }
+    }
+
+    /// The identity CAs trusted now as a SPIFFE trust bundle (a JWK set whose keys have
+    /// `use: x509-svid` and the CA certificate in `x5c`).
+    pub fn identity_jwks(&self, now: UnixTime) -> Result<Jwks, AuthorityError> {
+        let mut keys = Vec::new();
+        for k in self.trusted_identity(now) {
+            let public = spki_public_key(&k.issuer.key().subject_public_key_info(), &k.state.kid)?;
+            use base64::Engine as _;
+            let x5c = base64::engine::general_purpose::STANDARD.encode(k.cert_der.as_ref());
+            keys.push(Jwk::es256(&public, &k.state.kid, "x509-svid", Some(x5c)));
+        }
+        Ok(Jwks { keys })
+    }
+
     fn active_join_state(&self) -> Result<&LoadedJoinStateKey, AuthorityError> {
         self.join_state
             .iter()
@@ -546,6 +666,62 @@ impl Authority {
         }
         Ok(claims)
     }
+}
+
+/// An RFC 7517 JWK set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwks {
+    pub keys: Vec<Jwk>,
+}
+
+/// One P-256 public key as an RFC 7517/7518 JWK. Only EC P-256 keys exist here, so the shape is
+/// fixed: `kty` EC, `crv` P-256, `x`/`y` the base64url (unpadded) 32-byte coordinates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwk {
+    pub kty: String,
+    pub crv: String,
+    pub x: String,
+    pub y: String,
+    pub kid: String,
+    #[serde(rename = "use")]
+    pub use_: String,
+    /// ES256 for signing keys; absent on x509-svid keys (SPIFFE bundle format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<String>,
+    /// The CA certificate (standard base64 DER), on x509-svid keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x5c: Option<Vec<String>>,
+}
+
+impl Jwk {
+    fn es256(key: &p256::PublicKey, kid: &str, use_: &str, x5c: Option<String>) -> Jwk {
+        use base64::Engine as _;
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let point = key.to_encoded_point(false);
+        let b64 = |c: Option<&p256::FieldBytes>| {
+            c.map(|c| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c))
+                .unwrap_or_default()
+        };
+        Jwk {
+            kty: "EC".into(),
+            crv: "P-256".into(),
+            x: b64(point.x()),
+            y: b64(point.y()),
+            kid: kid.into(),
+            use_: use_.into(),
+            alg: x5c.is_none().then(|| "ES256".into()),
+            x5c: x5c.map(|c| vec![c]),
+        }
+    }
+}
+
+/// What every leaf carries besides its names and usages: SKI, an AKI naming the issuing CA's
+/// key (copied from the CA certificate's SKI by rcgen's `Issuer`) and an explicit
+/// basicConstraints `cA=false` (critical), which X509-SVID requires of leaves.
+fn leaf_profile(params: &mut CertificateParams) {
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+    params.use_authority_key_identifier_extension = true;
 }
 
 /// DER UTF8String (tag 12) with definite length.
@@ -680,6 +856,226 @@ mod tests {
         ));
         let doc2 = b.sign_join_state(&c).unwrap();
         assert!(b.verify_join_state(&doc2, NOW + 100).is_ok());
+    }
+
+    /// The extensions of one certificate that the profile is about.
+    struct Profile {
+        ski: Option<Vec<u8>>,
+        aki: Option<Vec<u8>>,
+        /// (critical, cA)
+        basic_constraints: Option<(bool, bool)>,
+        /// (digitalSignature, keyCertSign, cRLSign)
+        key_usage: Option<(bool, bool, bool)>,
+        uris: Vec<String>,
+    }
+
+    fn profile(pem: &str) -> Profile {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        use x509_parser::prelude::*;
+        let der = der_of(pem);
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+        let mut p = Profile {
+            ski: None,
+            aki: None,
+            basic_constraints: None,
+            key_usage: None,
+            uris: Vec::new(),
+        };
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => p.ski = Some(k.0.to_vec()),
+                ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    p.aki = a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                ParsedExtension::BasicConstraints(b) => {
+                    p.basic_constraints = Some((ext.critical, b.ca))
+                }
+                ParsedExtension::KeyUsage(k) => {
+                    p.key_usage = Some((k.digital_signature(), k.key_cert_sign(), k.crl_sign()))
+                }
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for n in &san.general_names {
+                        if let GeneralName::URI(u) = n {
+                            p.uris.push(u.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn leaves_and_cas_follow_the_rfc5280_and_x509_svid_profile() {
+        let st = AuthorityState::generate("c1", NOW).unwrap();
+        let a = Authority::load(&st).unwrap();
+        let id_ca = profile(&st.identity[0].cert_pem);
+        let ca_ski = id_ca.ski.clone().expect("identity CA has an SKI");
+        assert_eq!(id_ca.aki.as_ref(), Some(&ca_ski), "self-signed: AKI = SKI");
+        assert_eq!(id_ca.basic_constraints, Some((true, true)));
+        assert_eq!(id_ca.key_usage.map(|k| (k.1, k.2)), Some((true, true)));
+        assert_eq!(id_ca.uris, ["spiffe://c1"]);
+        for ca in [&st.tls, &st.join_state[0]] {
+            let p = profile(&ca.cert_pem);
+            assert!(p.ski.is_some() && p.aki == p.ski);
+            assert_eq!(p.basic_constraints, Some((true, true)));
+            assert!(
+                p.uris.is_empty(),
+                "only the identity CA names the trust domain"
+            );
+        }
+
+        let leaf = profile(
+            &a.issue_identity(&claims(), &id_key(), 600, NOW)
+                .unwrap()
+                .certificate_pem,
+        );
+        assert!(leaf.ski.is_some());
+        assert_eq!(leaf.aki, Some(ca_ski), "AKI names the identity CA's key");
+        assert_eq!(leaf.basic_constraints, Some((true, false)), "cA=false");
+        assert_eq!(leaf.key_usage, Some((true, false, false)));
+        assert_eq!(leaf.uris, ["spiffe://c1/bot/robot"]);
+
+        let (chain, _) = a.issue_server_cert(&["localhost".into()], NOW).unwrap();
+        let server = profile(&String::from_utf8(pem_of(&chain[0])).unwrap());
+        assert!(server.ski.is_some());
+        assert_eq!(server.aki, profile(&st.tls.cert_pem).ski);
+        assert_eq!(server.basic_constraints, Some((true, false)));
+        assert_eq!(server.key_usage, Some((true, false, false)));
+    }
+
+    fn pem_of(der: &CertificateDer<'_>) -> Vec<u8> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+        out.into_bytes()
+    }
+
+    #[test]
+    fn spiffe_ids_have_a_lower_case_trust_domain_and_no_dot_segments() {
+        let st = AuthorityState::generate("Edge-Case", NOW).unwrap();
+        assert_eq!(
+            profile(&st.identity[0].cert_pem).uris,
+            ["spiffe://edge-case"]
+        );
+        let a = Authority::load(&st).unwrap();
+        assert_eq!((a.cluster(), a.trust_domain()), ("Edge-Case", "edge-case"));
+        let c = IdentityClaims {
+            cluster: "Edge-Case".into(),
+            ..claims()
+        };
+        let issued = a.issue_identity(&c, &id_key(), 600, NOW).unwrap();
+        assert_eq!(
+            profile(&issued.certificate_pem).uris,
+            ["spiffe://edge-case/bot/robot"]
+        );
+        // The cluster name itself is unchanged: the certificate still verifies as Edge-Case's.
+        let v = a
+            .verify_identity(&[der_of(&issued.certificate_pem)], NOW)
+            .unwrap();
+        assert_eq!(v.claims.cluster, "Edge-Case");
+
+        for bad in [".", "..", "", "a/b", "a%2fb"] {
+            let c = IdentityClaims {
+                bot_name: bad.into(),
+                ..claims()
+            };
+            assert!(
+                matches!(
+                    a.issue_identity(&c, &id_key(), 600, NOW),
+                    Err(AuthorityError::InvalidBotName(_))
+                ),
+                "{bad:?} must not be issued"
+            );
+        }
+        assert!(matches!(
+            Authority::load(&AuthorityState {
+                cluster: "bad/td".into(),
+                ..st
+            }),
+            Err(AuthorityError::InvalidTrustDomain(_))
+        ));
+    }
+
+    /// Verifies a compact ES256 JWS with nothing but a JWK (no boundkey_proto::jws code).
+    fn verify_with_jwks(jwks: &Jwks, document: &str) -> Option<Vec<u8>> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        use base64::Engine as _;
+        use p256::ecdsa::signature::Verifier;
+        let mut parts = document.split('.');
+        let (h, p, sig) = (parts.next()?, parts.next()?, parts.next()?);
+        let header: serde_json::Value = serde_json::from_slice(&B64.decode(h).ok()?).ok()?;
+        assert_eq!(header["alg"], "ES256");
+        let jwk = jwks.keys.iter().find(|k| header["kid"] == k.kid.as_str())?;
+        assert_eq!((jwk.kty.as_str(), jwk.crv.as_str()), ("EC", "P-256"));
+        let mut sec1 = vec![4u8];
+        sec1.extend(B64.decode(&jwk.x).ok()?);
+        sec1.extend(B64.decode(&jwk.y).ok()?);
+        let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).ok()?;
+        let sig = p256::ecdsa::Signature::from_slice(&B64.decode(sig).ok()?).ok()?;
+        key.verify(format!("{h}.{p}").as_bytes(), &sig).ok()?;
+        B64.decode(p).ok()
+    }
+
+    #[test]
+    fn join_state_keys_export_as_jwks_and_pem_including_the_grace_period() {
+        let mut st = AuthorityState::generate("c1", NOW).unwrap();
+        let a = Authority::load(&st).unwrap();
+        let c = JoinStateClaims {
+            iss: "c1".into(),
+            aud: "c1".into(),
+            sub: "robot".into(),
+            iat: NOW,
+            nbf: NOW,
+            instance_id: "i-1".into(),
+            recovery_sequence: 1,
+            recovery_limit: 1,
+            recovery_mode: Default::default(),
+        };
+        let doc = a.sign_join_state(&c).unwrap();
+        let jwks = a.join_state_jwks(NOW);
+        assert_eq!(jwks.keys.len(), 1);
+        let json = serde_json::to_value(&jwks).unwrap();
+        assert_eq!(json["keys"][0]["use"], "sig");
+        assert_eq!(json["keys"][0]["alg"], "ES256");
+        assert_eq!(json["keys"][0]["kid"], st.join_state[0].kid.as_str());
+        let payload = verify_with_jwks(&jwks, &doc).expect("verifies with the JWKS alone");
+        assert_eq!(
+            serde_json::from_slice::<JoinStateClaims>(&payload).unwrap(),
+            c
+        );
+
+        st.rotate(CaKind::JoinState, 100, NOW).unwrap();
+        let b = Authority::load(&st).unwrap();
+        let during = b.join_state_jwks(NOW + 50);
+        assert_eq!(
+            during.keys.len(),
+            2,
+            "the old key is exported while trusted"
+        );
+        assert!(verify_with_jwks(&during, &doc).is_some());
+        assert!(verify_with_jwks(&during, &b.sign_join_state(&c).unwrap()).is_some());
+        let after = b.join_state_jwks(NOW + 100);
+        assert_eq!(after.keys.len(), 1);
+        assert!(verify_with_jwks(&after, &doc).is_none());
+        assert_eq!(
+            b.join_state_public_pem(NOW + 50)
+                .unwrap()
+                .matches("BEGIN PUBLIC KEY")
+                .count(),
+            2
+        );
+
+        let id = serde_json::to_value(a.identity_jwks(NOW).unwrap()).unwrap();
+        assert_eq!(id["keys"][0]["use"], "x509-svid");
+        assert!(id["keys"][0].get("alg").is_none());
+        assert!(id["keys"][0]["x5c"][0].is_string());
     }
 
     #[test]

@@ -5,20 +5,16 @@
 use boundkey_proto::{ErrorCode, Heartbeat, ServerMessage, UnixTime};
 
 use crate::input::{Peer, Snapshot};
-use crate::model::{event, AuditEvent, BotInstance, HeartbeatRecord, LockTarget};
-use crate::outcome::{messages, Refusal};
+use crate::model::{clean_text, event, AuditEvent, BotInstance, HeartbeatRecord, LockTarget};
+use crate::outcome::{messages, Refusal, RefusalClass};
 
 /// Longest string accepted in any heartbeat field; longer values are truncated, not refused.
 pub const MAX_FIELD_LEN: usize = 256;
 
+/// Heartbeat strings are the agent's word only: clipped, and control characters replaced, so
+/// they cannot forge lines where operators read them.
 fn clip(s: &mut String) {
-    if s.len() > MAX_FIELD_LEN {
-        let mut end = MAX_FIELD_LEN;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
+    *s = clean_text(s, MAX_FIELD_LEN);
 }
 
 /// Returns the instance with the heartbeat recorded, for the driver to write with a CAS.
@@ -38,6 +34,11 @@ pub fn decide(
             audit: vec![ev],
             reply: ServerMessage::error(code, msg),
             reason: reason.into(),
+            class: if peer.identity.is_some() {
+                RefusalClass::Authenticated
+            } else {
+                RefusalClass::Anonymous
+            },
         })
     };
     let Some(id) = &peer.identity else {

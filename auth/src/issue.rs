@@ -12,7 +12,7 @@ use crate::authority::{Authority, AuthorityError, IdentityClaims};
 use crate::entropy::Entropy;
 use crate::model::{AuditEvent, Authentication, BotInstance, INSTANCE_EXPIRY_GRACE_SECS};
 use crate::outcome::Success;
-use crate::store::{Commit, InstanceWrite, TokenWrite};
+use crate::store::{Commit, InstanceWrite, LockGuard, TokenWrite};
 
 /// Why an identity could not be issued. Always an internal error: the decision was to issue.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,8 @@ pub(crate) struct Issue<'a> {
     pub(crate) token: Option<TokenWrite>,
     /// Success events, written in the same commit.
     pub(crate) audit: Vec<AuditEvent>,
+    /// The locks the commit re-checks (see [`Commit::lock_guard`]).
+    pub(crate) lock_guard: Option<LockGuard>,
 }
 
 fn instance_mut(w: &mut InstanceWrite) -> &mut BotInstance {
@@ -78,6 +80,7 @@ impl Issue<'_> {
             binding,
             token,
             audit,
+            lock_guard,
         } = self;
         let inst = instance_mut(&mut instance);
         let claims = IdentityClaims {
@@ -128,6 +131,7 @@ impl Issue<'_> {
                 token,
                 instance,
                 audit,
+                lock_guard,
             },
             reply,
         }))

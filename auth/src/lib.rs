@@ -26,7 +26,8 @@ pub mod outcome;
 
 pub use entropy::Entropy;
 
-/// Certificate lifetime bounds the service enforces on every join.
+/// Certificate lifetime bounds the service enforces on every join, and the limits it puts on
+/// callers and on its audit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// Used when the client asks for 0.
@@ -34,7 +35,15 @@ pub struct ServiceConfig {
     pub max_ttl_secs: u64,
     /// As short as 10 s so that expiry and recovery can be exercised in tests.
     pub min_ttl_secs: u64,
+    /// Audit events older than this are deleted (checked at most every
+    /// [`service::AUDIT_PURGE_EVERY_SECS`]); 0 keeps them forever.
+    pub audit_retention_secs: u64,
+    /// Throttling of registration secrets and of anonymous audit events.
+    pub limits: throttle::Limits,
 }
+
+/// Default audit retention: 90 days.
+pub const DEFAULT_AUDIT_RETENTION_SECS: u64 = 90 * 24 * 3600;
 
 impl Default for ServiceConfig {
     fn default() -> Self {
@@ -42,6 +51,8 @@ impl Default for ServiceConfig {
             default_ttl_secs: 3600,
             max_ttl_secs: 7 * 24 * 3600,
             min_ttl_secs: 10,
+            audit_retention_secs: DEFAULT_AUDIT_RETENTION_SECS,
+            limits: throttle::Limits::default(),
         }
     }
 }
@@ -56,4 +67,5 @@ impl ServiceConfig {
 }
 pub mod heartbeat;
 pub mod service;
+pub mod throttle;
 pub mod token_join;

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 /// Most recent authentications / heartbeats kept per instance (the initial one is kept apart).
 pub const MAX_RECENT: usize = 10;
+/// Bound keys a token remembers after rotating away from them (a rotation may not bring one
+/// back), and identity keys it remembers having certified (see
+/// [`TokenStatus::redeliverable_identity_key`]). Oldest forgotten first.
+pub const MAX_KEY_HISTORY: usize = 32;
 /// An instance outlives its last certificate by this much.
 pub const INSTANCE_EXPIRY_GRACE_SECS: i64 = 5 * 60;
 
@@ -99,6 +103,31 @@ pub struct TokenStatus {
     /// `token` method: joins so far.
     #[serde(default)]
     pub join_count: u32,
+    /// Key ids (`keys::kid`) of bound keys this token rotated away from, newest last, at most
+    /// [`MAX_KEY_HISTORY`]. A rotation to one of them is refused.
+    #[serde(default)]
+    pub retired_public_keys: Vec<String>,
+    /// Key ids of identity keys certified through this token, newest last, at most
+    /// [`MAX_KEY_HISTORY`].
+    #[serde(default)]
+    pub seen_identity_keys: Vec<String>,
+    /// Key id of the identity key the latest certificate was issued for, when that key had
+    /// never been certified before through this token. Only such a key can later prove that
+    /// a repeated ceremony is the same device retrying a lost result (redelivery): a key that
+    /// was reused is not evidence of one device, since a copy may hold it too. Set and cleared
+    /// by ceremonies only; never by heartbeats.
+    #[serde(default)]
+    pub redeliverable_identity_key: Option<String>,
+}
+
+/// Appends `item` to a bounded history, dropping the oldest entries beyond `max`.
+pub fn remember(list: &mut Vec<String>, item: String, max: usize) {
+    list.retain(|k| k != &item);
+    list.push(item);
+    if list.len() > max {
+        let excess = list.len() - max;
+        list.drain(..excess);
+    }
 }
 
 impl Token {
@@ -318,6 +347,9 @@ pub mod event {
     pub const BOT_INSTANCE_DELETED: &str = "bot_instance.deleted";
     pub const CA_ROTATED: &str = "ca.rotated";
     pub const HEARTBEAT: &str = "bot_instance.heartbeat";
+    /// Anonymous failure events from one address were dropped by the rate limit; `fields.dropped`
+    /// says how many since the previous such summary.
+    pub const AUDIT_DROPPED: &str = "audit.dropped";
 }
 
 /// Append-only record. `id` is assigned by the store.
@@ -344,7 +376,70 @@ pub struct AuditEvent {
     pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Longest string the audit log keeps in any one field; longer values are clipped.
+pub const MAX_AUDIT_TEXT: usize = 512;
+
+/// `s` made safe to store and show: at most `max` bytes (cut at a character boundary, marked
+/// with `…`), and every control character (C0, DEL, C1: newlines, escapes) or bidirectional
+/// override replaced by U+FFFD, so a value cannot start a new row or steer a terminal.
+pub fn clean_text(s: &str, max: usize) -> String {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        let c = if unsafe_char(c) { '\u{fffd}' } else { c };
+        if out.len() + c.len_utf8() > max {
+            while out.len() + '…'.len_utf8() > max && out.pop().is_some() {}
+            if out.len() + '…'.len_utf8() <= max {
+                out.push('…');
+            }
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn clean_value(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => *s = clean_text(s, MAX_AUDIT_TEXT),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(clean_value),
+        serde_json::Value::Object(m) => m.values_mut().for_each(clean_value),
+        _ => {}
+    }
+}
+
 impl AuditEvent {
+    /// The event with every string passed through [`clean_text`]: what the service writes,
+    /// since several fields (token names, error texts, addresses) come from the network.
+    pub fn sanitized(mut self) -> Self {
+        let clean = |s: &mut String| *s = clean_text(s, MAX_AUDIT_TEXT);
+        clean(&mut self.kind);
+        for f in [
+            &mut self.remote_addr,
+            &mut self.bot_name,
+            &mut self.instance_id,
+            &mut self.token_name,
+            &mut self.error,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            clean(f);
+        }
+        let fields = std::mem::take(&mut self.fields);
+        self.fields = fields
+            .into_iter()
+            .map(|(k, mut v)| {
+                clean_value(&mut v);
+                (clean_text(&k, MAX_AUDIT_TEXT), v)
+            })
+            .collect();
+        self
+    }
+
     pub fn new(kind: &str, time: UnixTime, success: bool) -> Self {
         AuditEvent {
             id: 0,

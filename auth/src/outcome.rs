@@ -30,9 +30,29 @@ pub struct Refusal {
     pub reply: ServerMessage,
     /// The detailed reason, for the server log (the reply stays generic).
     pub reason: String,
+    /// What the caller had proven when it was refused; decides rate limits and throttling.
+    pub class: RefusalClass,
+}
+
+/// How far a refused caller got. Anyone can produce anonymous refusals at line rate, so the
+/// service bounds how many of them it audits; wrong registration secrets are also throttled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalClass {
+    /// Nothing proven: no verified certificate, secret or key.
+    Anonymous,
+    /// A registration secret was sent and did not match (a guess, as far as anyone can tell).
+    WrongSecret,
+    /// The caller proved a key, a secret or a certificate first.
+    Authenticated,
 }
 
 impl Refusal {
+    /// Marks the refusal as one of a caller that proved nothing.
+    pub(crate) fn class(mut self: Box<Self>, class: RefusalClass) -> Box<Self> {
+        self.class = class;
+        self
+    }
+
     pub fn code(&self) -> Option<ErrorCode> {
         match &self.reply {
             ServerMessage::Error(e) => Some(e.code),

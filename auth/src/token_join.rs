@@ -13,8 +13,8 @@ use crate::entropy::Entropy;
 use crate::input::{Peer, Snapshot};
 use crate::issue::Issue;
 use crate::model::{event, AuditEvent, BotInstance, Lock, LockTarget, Token};
-use crate::outcome::{messages, Refusal, Step};
-use crate::store::{InstanceWrite, TokenWrite};
+use crate::outcome::{messages, Refusal, RefusalClass, Step};
+use crate::store::{InstanceWrite, LockGuard, TokenWrite};
 use crate::ServiceConfig;
 
 /// A refusal before it is turned into audit records: code and generic message for the client,
@@ -41,7 +41,7 @@ impl Denial {
     }
 }
 
-fn refuse(mut ev: AuditEvent, d: Denial) -> Step {
+fn refuse(mut ev: AuditEvent, d: Denial, class: RefusalClass) -> Step {
     ev.error = Some(d.reason.clone());
     let mut audit = vec![ev];
     if let Some(l) = &d.lock {
@@ -54,6 +54,7 @@ fn refuse(mut ev: AuditEvent, d: Denial) -> Step {
         audit,
         reply: ServerMessage::error(d.code, d.message),
         reason: d.reason,
+        class,
     }))
 }
 
@@ -85,9 +86,13 @@ pub fn decide(
     // Collects what is known about the caller as it is learnt, for the refusal record.
     let mut ev = AuditEvent::new(event::BOT_JOIN, now, false).field("join_method", "token");
     ev.remote_addr = Some(peer.remote_addr.clone());
+    // Until the certificate or the token is accepted, the caller has proven nothing.
+    let mut class = RefusalClass::Anonymous;
     let decided = parse_identity_key(&msg).and_then(|identity_key| {
         let admission = authenticate(peer, msg.token.is_some(), snapshot.token, &mut ev, now)?;
-        check_locks(&admission, &snapshot.locks, now)?;
+        class = RefusalClass::Authenticated;
+        let targets = lock_targets(&admission);
+        check_locks(&targets, &snapshot.locks, now)?;
         let subject = next_generation(admission, snapshot.instance, entropy, now)?;
         let inst = match &subject.instance {
             InstanceWrite::Create(i) | InstanceWrite::Update { instance: i, .. } => i,
@@ -110,13 +115,14 @@ pub fn decide(
             binding: None,
             token: subject.token,
             audit: vec![done],
+            lock_guard: Some(LockGuard { targets, at: now }),
         }
         .issue(now)
         .map_err(|e| Denial::new(ErrorCode::Internal, messages::INTERNAL, e.to_string()))
     });
     match decided {
         Ok(success) => Step::Commit(success),
-        Err(d) => refuse(ev, d),
+        Err(d) => refuse(ev, d, class),
     }
 }
 
@@ -178,9 +184,9 @@ fn authenticate<'a>(
     Ok(Admission::NewInstance(Box::new(token)))
 }
 
-/// Step 2: no lock on the bot, the token or (on renewal) the instance.
-fn check_locks(admission: &Admission<'_>, locks: &[Lock], now: UnixTime) -> Result<(), Denial> {
-    let targets = match admission {
+/// What must stay unlocked: the bot, the token and (on renewal) the instance.
+fn lock_targets(admission: &Admission<'_>) -> Vec<LockTarget> {
+    match admission {
         Admission::Renewal(id) => vec![
             LockTarget::Bot(id.claims.bot_name.clone()),
             LockTarget::BotInstanceId(id.claims.instance_id.clone()),
@@ -190,7 +196,11 @@ fn check_locks(admission: &Admission<'_>, locks: &[Lock], now: UnixTime) -> Resu
             LockTarget::Bot(token.spec.bot_name.clone()),
             LockTarget::JoinToken(token.name.clone()),
         ],
-    };
+    }
+}
+
+/// Step 2: no lock on any of the targets.
+fn check_locks(targets: &[LockTarget], locks: &[Lock], now: UnixTime) -> Result<(), Denial> {
     match locks
         .iter()
         .find(|l| l.is_active(now) && targets.contains(&l.target))

@@ -249,8 +249,10 @@ fn b_a_certificate_holder_cannot_join_an_unbound_token() {
     assert!(errs[0].contains("no bound key"), "{errs:?}");
 }
 
+/// Issue 8 defect 12: before authentication, case C used to answer with a message naming the
+/// stored state. Now the caller hears what an unknown token hears; the reason is audited.
 #[test]
-fn c_a_bound_key_without_bound_instance_is_refused_as_bad_state() {
+fn c_a_bound_key_without_bound_instance_is_refused_generically_and_audited() {
     let w = World::new();
     let mut d = registered(&w, 2, RecoveryMode::Standard);
     let mut t = w.token("tok");
@@ -258,8 +260,19 @@ fn c_a_bound_key_without_bound_instance_is_refused_as_bad_state() {
     w.store.delete_token("tok").unwrap();
     w.add_token(&t);
     let e = d.recover(&w, "tok").unwrap_err();
-    assert_eq!(e.code, ErrorCode::AccessDenied);
-    assert!(e.message.contains("recreate"), "{}", e.message);
+    let unknown = Device::new().recover(&w, "no-such-token").unwrap_err();
+    assert_eq!(e, unknown, "indistinguishable from any other refusal");
+    let errors: Vec<_> = w
+        .audit(event::BOT_JOIN)
+        .into_iter()
+        .filter_map(|e| e.error)
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("case C") && e.contains("recreate")),
+        "{errors:?}"
+    );
 }
 
 // ---- Case D: renewal ----------------------------------------------------------------------
@@ -980,13 +993,16 @@ fn no_redelivery_without_the_identity_proof() {
     );
 }
 
+/// Issue 8 defect 11: heartbeats used to feed the redelivery decision (a heartbeat with the new
+/// certificate made a retry count as a clone). They are reports and decide nothing now: a copy
+/// that shares the in-flight identity key of one renewal cannot be told from the device
+/// retrying, so it is redelivered; the two copies then collide on the generation counter at
+/// the next renewal, which locks the token.
 #[test]
-fn no_redelivery_once_the_new_certificate_was_used() {
+fn heartbeats_do_not_decide_redelivery_and_a_copy_sharing_one_renewal_is_caught_next() {
     let mut w = World::new();
     let mut d = registered(&w, 1, RecoveryMode::Standard);
     w.advance(60);
-    // The device did get its result, used it (a heartbeat), then lost its storage and rolled
-    // back to a copy taken mid-ceremony: indistinguishable from a clone, so it is locked.
     let mut rolled_back = d.clone();
     rolled_back.in_flight = Some(new_key());
     let identity = rolled_back.in_flight.clone().unwrap();
@@ -1011,11 +1027,17 @@ fn no_redelivery_once_the_new_certificate_was_used() {
         matches!(a, Action::Close(ServerMessage::HeartbeatAck(_))),
         "{a:?}"
     );
+    rolled_back
+        .renew(&w, "tok")
+        .expect("the heartbeat does not turn a retry into a refusal");
+    assert!(w.locks().is_empty());
+    w.advance(1);
     assert_eq!(
-        rolled_back.renew(&w, "tok").unwrap_err().code,
+        d.renew(&w, "tok").unwrap_err().code,
         ErrorCode::AccessDenied
     );
     assert_eq!(w.locks().len(), 1);
+    assert_eq!(w.audit(event::GENERATION_MISMATCH).len(), 1);
 }
 
 #[test]
@@ -1048,4 +1070,392 @@ fn no_redelivery_with_a_join_state_more_than_one_step_old() {
         ErrorCode::AccessDenied
     );
     assert_eq!(w.locks().len(), 1);
+}
+
+// ---- Issue 8: the ceremony and the audit log under attack ---------------------------------
+
+/// Opens a ceremony and returns its session with the first challenge, answered later.
+fn open_until_challenge(
+    w: &World,
+    d: &mut Device,
+    token: &str,
+    use_cert: bool,
+) -> (boundkey_auth::service::Session, ClientMessage) {
+    let identity = new_key();
+    d.in_flight = Some(identity.clone());
+    let init = ClientMessage::Init(boundkey_proto::Init {
+        token: token.into(),
+        params: boundkey_proto::BotParams {
+            identity_public_key: boundkey_proto::keys::pkix_b64(&p256::PublicKey::from(
+                identity.verifying_key(),
+            )),
+            ttl_secs: 600,
+        },
+        registration_secret: None,
+        join_state: d.join_state.clone(),
+    });
+    let (session, action) = w.svc.open(d.connection(use_cert), init, w.now);
+    let Action::Reply(m @ ServerMessage::Challenge(_)) = action else {
+        panic!("expected a challenge, got {action:?}");
+    };
+    let answer = d.answer(&m).unwrap();
+    (session, answer)
+}
+
+/// Defect 7: locks were read once, at `Init`; one placed while the client solved its
+/// challenge did not stop the commit.
+#[test]
+fn a_lock_added_between_challenge_and_solution_stops_the_commit() {
+    for target in [
+        LockTarget::Bot("robot".into()),
+        LockTarget::JoinToken("tok".into()),
+    ] {
+        let mut w = World::new();
+        let mut d = registered(&w, 1, RecoveryMode::Standard);
+        w.advance(10);
+        let before = w.token("tok");
+        let (mut session, answer) = open_until_challenge(&w, &mut d, "tok", true);
+        w.store
+            .add_lock(&Lock {
+                name: "ops".into(),
+                target: target.clone(),
+                message: "incident".into(),
+                expires: None,
+                created_by: "admin".into(),
+                created_at: w.now,
+            })
+            .unwrap();
+        let a = session.handle(answer, w.now);
+        assert_eq!(err_code(&a), Some(ErrorCode::Locked), "{target:?}: {a:?}");
+        assert_eq!(w.token("tok"), before, "nothing committed");
+        let errs: Vec<_> = w
+            .audit(event::BOT_JOIN)
+            .into_iter()
+            .filter_map(|e| e.error)
+            .collect();
+        assert!(
+            errs[0].contains("locked by ops") && errs[0].contains("during the ceremony"),
+            "{errs:?}"
+        );
+    }
+}
+
+/// Defect 9: a lock that merely had the automatic lock's name (expired, another target)
+/// suppressed the clone lock.
+#[test]
+fn a_lock_squatting_the_automatic_name_does_not_suppress_the_clone_lock() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Insecure);
+    w.store
+        .add_lock(&Lock {
+            name: "auto-generation-tok".into(),
+            target: LockTarget::Bot("someone-else".into()),
+            message: "old".into(),
+            expires: Some(w.now + 1),
+            created_by: "admin".into(),
+            created_at: w.now,
+        })
+        .unwrap();
+    let mut copy = d.clone();
+    w.advance(10);
+    d.renew(&w, "tok").unwrap();
+    assert_eq!(
+        copy.renew(&w, "tok").unwrap_err().code,
+        ErrorCode::AccessDenied
+    );
+    let on_token: Vec<_> = w
+        .locks()
+        .into_iter()
+        .filter(|l| l.target == LockTarget::JoinToken("tok".into()) && l.is_active(w.now))
+        .collect();
+    assert_eq!(on_token.len(), 1, "{:?}", w.locks());
+    assert_eq!(w.audit(event::LOCK_CREATED).len(), 1);
+    assert_eq!(d.renew(&w, "tok").unwrap_err().code, ErrorCode::Locked);
+    // The same copy trying again adds no second lock.
+    assert_eq!(copy.renew(&w, "tok").unwrap_err().code, ErrorCode::Locked);
+    assert_eq!(w.locks().len(), 2, "the squatter and one clone lock");
+}
+
+/// Defect 10: a token deleted while its ceremony ran made the commit answer `internal` and
+/// left no audit record.
+#[test]
+fn a_token_deleted_mid_ceremony_gets_a_final_answer_and_is_audited() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    w.advance(10);
+    let (mut session, answer) = open_until_challenge(&w, &mut d, "tok", true);
+    w.store.delete_token("tok").unwrap();
+    let a = session.handle(answer, w.now);
+    let code = err_code(&a).expect("an error");
+    assert_eq!(code, ErrorCode::AccessDenied, "{a:?}");
+    assert!(!code.is_retryable());
+    let errs: Vec<_> = w
+        .audit(event::BOT_JOIN)
+        .into_iter()
+        .filter_map(|e| e.error)
+        .collect();
+    assert!(
+        errs[0].contains("token tok was deleted during the ceremony"),
+        "{errs:?}"
+    );
+}
+
+fn request_rotation_now(w: &World) {
+    let t = w.token("tok");
+    let spec = request_rotation(&t, w.now).unwrap();
+    w.store.update_token_spec("tok", &spec, t.revision).unwrap();
+}
+
+/// Defect 11: a rotation could bind a key the token was bound to earlier.
+#[test]
+fn a_rotation_cannot_bring_back_a_retired_key() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    let first = d.bound.clone();
+    w.advance(10);
+    request_rotation_now(&w);
+    w.advance(10);
+    d.renew(&w, "tok").unwrap();
+    assert_ne!(ssh(&d.bound), ssh(&first));
+    w.advance(10);
+    request_rotation_now(&w);
+    w.advance(10);
+    d.next_rotation_key = Some(first);
+    let before = w.token("tok");
+    assert_eq!(
+        d.renew(&w, "tok").unwrap_err().code,
+        ErrorCode::AccessDenied
+    );
+    assert_eq!(w.token("tok"), before, "nothing committed");
+    let errs: Vec<_> = w
+        .audit(event::BOT_JOIN)
+        .into_iter()
+        .filter_map(|e| e.error)
+        .collect();
+    assert!(errs[0].contains("retired"), "{errs:?}");
+    // A genuinely new key still rotates.
+    d.renew(&w, "tok").unwrap();
+}
+
+/// Defect 11: redelivery trusted that the client made a fresh identity key. A device that
+/// renews with the identity key it already had gives a copy of it everything a retry has; the
+/// server now knows the key was certified before and refuses the copy as a clone.
+#[test]
+fn no_redelivery_for_an_identity_key_certified_before() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    let mut copy = d.clone();
+    w.advance(60);
+    d.in_flight = Some(d.identity.clone());
+    d.renew(&w, "tok").unwrap();
+    copy.in_flight = Some(copy.identity.clone());
+    assert_eq!(
+        copy.renew(&w, "tok").unwrap_err().code,
+        ErrorCode::AccessDenied
+    );
+    assert_eq!(w.locks().len(), 1, "the copy is caught at once");
+    assert_eq!(w.audit(event::GENERATION_MISMATCH).len(), 1);
+}
+
+fn raw_init(token: &str, secret: Option<&str>) -> ClientMessage {
+    ClientMessage::Init(boundkey_proto::Init {
+        token: token.into(),
+        params: boundkey_proto::BotParams {
+            identity_public_key: boundkey_proto::keys::pkix_b64(&p256::PublicKey::from(
+                new_key().verifying_key(),
+            )),
+            ttl_secs: 600,
+        },
+        registration_secret: secret.map(str::to_string),
+        join_state: None,
+    })
+}
+
+fn conn_from(addr: &str) -> boundkey_auth::service::Connection {
+    boundkey_auth::service::Connection {
+        remote_addr: addr.into(),
+        peer_certificates: vec![],
+    }
+}
+
+/// Defect 6: the unauthenticated token name went into the audit log before validation
+/// (newlines and escapes forged rows, 60 KB names filled the store).
+#[test]
+fn a_malformed_token_name_is_refused_before_it_reaches_the_audit_log() {
+    let w = World::new();
+    for name in [
+        "tok\nID 1 forged row".to_string(),
+        "\u{1b}[2J\u{1b}[31mred".to_string(),
+        "x".repeat(60_000),
+        String::new(),
+    ] {
+        let a = w
+            .svc
+            .open(conn_from("198.51.100.1:1"), raw_init(&name, None), w.now)
+            .1;
+        assert_eq!(err_code(&a), Some(ErrorCode::BadRequest), "{a:?}");
+    }
+    let events = w.audit(event::BOT_JOIN);
+    assert_eq!(events.len(), 4);
+    for e in events {
+        assert_eq!(e.token_name, None, "{e:?}");
+        assert_eq!(e.error.as_deref(), Some("malformed token name"));
+    }
+}
+
+/// Defect 6: anonymous failures were audited without limit. Now at most the burst per
+/// address is written, then one per second, and a summary says how many were dropped.
+#[test]
+fn anonymous_failures_are_rate_limited_per_address_with_a_dropped_summary() {
+    let mut w = World::new();
+    let burst = boundkey_auth::throttle::Limits::default()
+        .anonymous_audit_per_address
+        .burst as usize;
+    for port in 0..100 {
+        let a = w
+            .svc
+            .open(
+                conn_from(&format!("203.0.113.9:{port}")),
+                raw_init("no-such-token", None),
+                w.now,
+            )
+            .1;
+        assert_eq!(err_code(&a), Some(ErrorCode::AccessDenied));
+    }
+    assert_eq!(w.audit(event::BOT_JOIN).len(), burst);
+    // Another address is not held up by the first.
+    w.svc.open(
+        conn_from("192.0.2.200:1"),
+        raw_init("no-such-token", None),
+        w.now,
+    );
+    assert_eq!(w.audit(event::BOT_JOIN).len(), burst + 1);
+    w.advance(1);
+    w.svc.open(
+        conn_from("203.0.113.9:1"),
+        raw_init("no-such-token", None),
+        w.now,
+    );
+    let dropped = w.audit(event::AUDIT_DROPPED);
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].fields["dropped"], 100 - burst);
+    assert_eq!(dropped[0].remote_addr.as_deref(), Some("203.0.113.9"));
+    assert_eq!(w.audit(event::BOT_JOIN).len(), burst + 2);
+}
+
+/// Defect 6: heartbeat strings were stored as sent.
+#[test]
+fn heartbeat_strings_are_stored_without_control_characters() {
+    let w = World::new();
+    let d = registered(&w, 1, RecoveryMode::Standard);
+    let hb = boundkey_proto::Heartbeat {
+        is_startup: true,
+        version: "1.0\r\nID  TIME  forged".into(),
+        hostname: "host\u{1b}]0;pwned\u{7}".into(),
+        uptime_secs: 1,
+        os: "linux\u{202e}xunil".into(),
+        arch: "é".repeat(300),
+        one_shot: false,
+        keystore: boundkey_proto::KeyBackend::File,
+    };
+    let a = w
+        .svc
+        .open(d.connection(true), ClientMessage::Heartbeat(hb), w.now)
+        .1;
+    assert!(
+        matches!(a, Action::Close(ServerMessage::HeartbeatAck(_))),
+        "{a:?}"
+    );
+    let id = &d.last.as_ref().unwrap().instance_id;
+    let inst = w.store.get_instance(id).unwrap().unwrap();
+    let got = &inst.status.latest_heartbeats[0].heartbeat;
+    for s in [&got.version, &got.hostname, &got.os, &got.arch] {
+        assert!(!s.chars().any(|c| c.is_control()), "{s:?}");
+        assert!(
+            s.len() <= boundkey_auth::heartbeat::MAX_FIELD_LEN,
+            "{}",
+            s.len()
+        );
+    }
+    assert!(!got.os.contains('\u{202e}'));
+}
+
+/// Defect 6: audit events were kept forever.
+#[test]
+fn audit_events_past_the_retention_period_are_purged() {
+    let mut w = World::with_config(boundkey_auth::ServiceConfig {
+        audit_retention_secs: 600,
+        ..Default::default()
+    });
+    Device::new().recover(&w, "no-such-token").unwrap_err();
+    assert_eq!(w.audit(event::BOT_JOIN).len(), 1);
+    w.advance(boundkey_auth::service::AUDIT_PURGE_EVERY_SECS);
+    Device::new().recover(&w, "no-such-token").unwrap_err();
+    let left = w.audit(event::BOT_JOIN);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].time, w.now);
+}
+
+/// Defect 8: wrong registration secrets were not throttled (514 guesses/s).
+#[test]
+fn wrong_registration_secrets_are_throttled_per_token_with_the_same_answer() {
+    let mut w = World::new();
+    secret_token(&w, "tok", 1, RecoveryMode::Standard);
+    let limits = boundkey_auth::throttle::Limits::default();
+    let wrong = Device::new()
+        .join(&w, "tok", Some("not the secret at all"), false)
+        .unwrap_err();
+    for _ in 1..limits.secret_per_token.burst {
+        Device::new()
+            .join(&w, "tok", Some("not the secret at all"), false)
+            .unwrap_err();
+    }
+    // Now even the right secret gets the answer a wrong one gets.
+    let throttled = Device::new()
+        .join(&w, "tok", Some(SECRET), false)
+        .unwrap_err();
+    assert_eq!(throttled, wrong);
+    assert!(w.token("tok").status.registration_secret_hash.is_some());
+    let errors: Vec<_> = w
+        .audit(event::BOT_JOIN)
+        .into_iter()
+        .filter_map(|e| e.error)
+        .collect();
+    assert!(errors[0].contains("throttled"), "{errors:?}");
+    // The budget comes back with time.
+    w.advance(limits.secret_per_token.every_secs);
+    Device::new()
+        .join(&w, "tok", Some(SECRET), false)
+        .expect("the right secret after the pause");
+}
+
+/// Defect 8, per address: spreading guesses over many tokens does not escape the throttle.
+#[test]
+fn wrong_registration_secrets_are_throttled_per_address() {
+    let w = World::new();
+    let limits = boundkey_auth::throttle::Limits::default();
+    let n = limits.secret_per_address.burst;
+    for i in 0..n {
+        secret_token(&w, &format!("t{i}"), 1, RecoveryMode::Standard);
+        Device::new()
+            .join(&w, &format!("t{i}"), Some("not the secret at all"), false)
+            .unwrap_err();
+    }
+    secret_token(&w, "fresh", 1, RecoveryMode::Standard);
+    let e = Device::new()
+        .join(&w, "fresh", Some(SECRET), false)
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::AccessDenied);
+    // From another address the same token opens.
+    let mut other = Device::new();
+    let init = raw_init("fresh", Some(SECRET));
+    let (mut s, mut a) = w.svc.open(conn_from("198.51.100.77:9"), init, w.now);
+    while let Action::Reply(m) = &a {
+        let next = other.answer(m).unwrap();
+        a = s.handle(next, w.now);
+    }
+    assert!(
+        matches!(a, Action::Close(ServerMessage::Result(_))),
+        "{a:?}"
+    );
 }

@@ -175,3 +175,59 @@ fn heartbeats_are_recorded_on_the_callers_own_instance_only() {
         matches!(anon.heartbeat(&w), Action::Close(ServerMessage::Error(e)) if e.code == ErrorCode::AccessDenied)
     );
 }
+
+/// Issue 8 defect 7, token method: the join is decided on a snapshot of the locks; its commit
+/// carries the lock targets, so a lock placed after the snapshot still stops it.
+#[test]
+fn a_token_join_decided_before_a_lock_does_not_commit_after_it() {
+    use boundkey_auth::input::{Peer, Snapshot};
+    use boundkey_auth::model::Lock;
+    use boundkey_auth::outcome::Step;
+    use boundkey_auth::store::StoreError;
+    let w = World::new();
+    let (t, secret) = new_join_token("robot", None, None, false, w.now).unwrap();
+    w.add_token(&t);
+    let snapshot = Snapshot {
+        token: Some(w.token(&t.name)),
+        ..Default::default()
+    };
+    let msg = TokenJoin {
+        token: Some(secret),
+        params: BotParams {
+            identity_public_key: keys::pkix_b64(&p256::PublicKey::from(new_key().verifying_key())),
+            ttl_secs: 600,
+        },
+    };
+    let peer = Peer {
+        remote_addr: "198.51.100.1:1".into(),
+        identity: None,
+    };
+    let step = boundkey_auth::token_join::decide(
+        &w.svc.config(),
+        &w.svc.authority(),
+        &boundkey_auth::Entropy::os(),
+        &peer,
+        snapshot,
+        msg,
+        w.now,
+    );
+    let Step::Commit(success) = step else {
+        panic!("expected a commit, got {step:?}");
+    };
+    w.store
+        .add_lock(&Lock {
+            name: "ops".into(),
+            target: LockTarget::Bot("robot".into()),
+            message: "incident".into(),
+            expires: None,
+            created_by: "admin".into(),
+            created_at: w.now,
+        })
+        .unwrap();
+    assert!(matches!(
+        w.store.commit(&success.commit),
+        Err(StoreError::Locked(name)) if name == "ops"
+    ));
+    assert!(w.store.list_instances(None).unwrap().is_empty());
+    assert_eq!(w.token(&t.name).status.join_count, 0);
+}

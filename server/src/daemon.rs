@@ -33,7 +33,10 @@ pub struct Options {
     pub storage: Option<String>,
     pub tls_names: Vec<String>,
     pub ceremony_timeout: Duration,
+    pub first_frame_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    pub max_pending_per_address: usize,
     pub instance_retention: Duration,
     pub purge_interval: Duration,
     pub service: ServiceConfig,
@@ -168,6 +171,8 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     // Absolute, so the printed paths and hints work from any working directory.
     let dir = std::fs::canonicalize(&opts.data_dir).map_err(dir_err(&opts.data_dir))?;
     let _dir_lock = lock_data_dir(&dir)?;
+    // Before the start-up summary, so its warning precedes "listening".
+    let max_connections = fit_open_file_limit(opts.max_connections.max(1));
 
     let storage = match &opts.storage {
         Some(s) => StorageUrl::parse(s)?,
@@ -255,7 +260,10 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     let (stop_tx, stop_rx) = watch::channel(false);
     let listen_cfg = ListenerConfig {
         ceremony_timeout: opts.ceremony_timeout,
-        max_connections: opts.max_connections.max(1),
+        first_frame_timeout: opts.first_frame_timeout,
+        max_connections,
+        max_connections_per_address: opts.max_connections_per_address.max(1),
+        max_pending_per_address: opts.max_pending_per_address.max(1),
         drain_timeout: opts.ceremony_timeout + Duration::from_secs(5),
     };
     let mut serve = tokio::spawn(listener::run(
@@ -279,6 +287,44 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// File descriptors kept out of `--max-connections`: database, admin socket and its clients,
+/// log, runtime.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft open-file limit towards the hard one so `max` connections fit, and returns
+/// how many connections do fit: accepting past the limit would fail with EMFILE, which refuses
+/// everyone alike, so the cap is lowered instead (with a warning).
+fn fit_open_file_limit(max: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let want = (max as u64).saturating_add(RESERVED_FDS);
+    let mut lim = getrlimit(Resource::Nofile);
+    let soft = lim.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return max;
+    }
+    let target = lim.maximum.map_or(want, |hard| hard.min(want));
+    if target > soft {
+        lim.current = Some(target);
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return max;
+    }
+    let fits = usize::try_from(soft.saturating_sub(RESERVED_FDS))
+        .unwrap_or(max)
+        .max(1);
+    tracing::warn!(
+        requested = max,
+        fits,
+        open_file_limit = soft,
+        "--max-connections lowered to fit the open-file limit (raise `ulimit -n`)"
+    );
+    fits
 }
 
 fn admin_validate_cluster(cluster: &str) -> Result<(), StartError> {

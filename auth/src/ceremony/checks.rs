@@ -2,11 +2,11 @@
 //! generation), run once on the first proof of possession, in that order.
 
 use boundkey_proto::claims::{JoinStateClaims, RecoveryMode};
-use boundkey_proto::{CeremonyKind, ErrorCode, UnixTime};
+use boundkey_proto::{keys, CeremonyKind, ErrorCode, UnixTime};
 
 use crate::authority::JoinStateError;
 use crate::issue::public_key_pem;
-use crate::model::{event, LockTarget};
+use crate::model::event;
 use crate::outcome::{messages, Refusal};
 
 use super::context::{Context, Delivery};
@@ -88,16 +88,7 @@ impl Context {
     }
 
     fn check_locks(&self, now: UnixTime) -> Result<(), Box<Refusal>> {
-        let mut targets = vec![
-            LockTarget::Bot(self.token.spec.bot_name.clone()),
-            LockTarget::JoinToken(self.token.name.clone()),
-        ];
-        if let Some(id) = &self.peer.identity {
-            targets.push(LockTarget::BotInstanceId(id.claims.instance_id.clone()));
-        }
-        if let Some(bound) = &self.token.status.bound_instance_id {
-            targets.push(LockTarget::BotInstanceId(bound.clone()));
-        }
+        let targets = self.lock_targets();
         match self
             .locks
             .iter()
@@ -218,7 +209,9 @@ impl Context {
     /// stored (power loss, dropped connection). It is, when all of these hold:
     /// * the client proved the bound key and, with `identity_proof`, the identity key it names;
     /// * that identity key is the one the bound instance's latest certificate was issued for,
-    ///   and the instance shows no sign of that certificate being used since (no heartbeat);
+    ///   and the server had never certified it before that ceremony (recorded server-side in
+    ///   `redeliverable_identity_key`; the client's word that it made a fresh key counts for
+    ///   nothing, and heartbeats, being reports, count for nothing either);
     /// * what the client presents is exactly one step behind the stored state: on a renewal its
     ///   certificate is one generation old; on a recovery the bound instance is still at its
     ///   first generation and the join state names its predecessor with the previous recovery
@@ -237,12 +230,9 @@ impl Context {
         let Some(latest) = b.status.latest_authentications.last() else {
             return false;
         };
-        let used_since = b
-            .status
-            .latest_heartbeats
-            .iter()
-            .any(|h| h.recorded_at >= latest.authenticated_at);
-        if latest.public_key != public_key_pem(&self.identity_key) || used_since {
+        let fresh_when_issued = self.token.status.redeliverable_identity_key.as_deref()
+            == Some(keys::kid(&self.identity_key).as_str());
+        if latest.public_key != public_key_pem(&self.identity_key) || !fresh_when_issued {
             return false;
         }
         let count = self.token.status.recovery_count;

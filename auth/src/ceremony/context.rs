@@ -8,7 +8,7 @@ use boundkey_proto::{CeremonyKind, ErrorCode, JoinMethod, ServerMessage, UnixTim
 use crate::authority::Authority;
 use crate::entropy::Entropy;
 use crate::model::{event, AuditEvent, BotInstance, BoundKeypairSpec, Lock, LockTarget, Token};
-use crate::outcome::{messages, Refusal};
+use crate::outcome::{messages, Refusal, RefusalClass};
 use crate::ServiceConfig;
 
 use super::Peer;
@@ -73,6 +73,22 @@ impl Context {
             .field("case", case)
     }
 
+    /// The lock targets that must stay unlocked for this ceremony to commit: its bot, its
+    /// token, the instance its certificate names and the token's bound instance.
+    pub(crate) fn lock_targets(&self) -> Vec<LockTarget> {
+        let mut targets = vec![
+            LockTarget::Bot(self.token.spec.bot_name.clone()),
+            LockTarget::JoinToken(self.token.name.clone()),
+        ];
+        if let Some(id) = &self.peer.identity {
+            targets.push(LockTarget::BotInstanceId(id.claims.instance_id.clone()));
+        }
+        if let Some(bound) = &self.token.status.bound_instance_id {
+            targets.push(LockTarget::BotInstanceId(bound.clone()));
+        }
+        targets
+    }
+
     pub(crate) fn deny(
         &self,
         code: ErrorCode,
@@ -131,5 +147,6 @@ pub(crate) fn refuse(
         audit,
         reply: ServerMessage::error(code, msg),
         reason: reason.to_string(),
+        class: RefusalClass::Authenticated,
     })
 }

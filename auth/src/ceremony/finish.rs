@@ -6,9 +6,9 @@ use boundkey_proto::claims::JoinStateClaims;
 use boundkey_proto::{keys, CeremonyKind, ErrorCode, JoinMethod, UnixTime};
 
 use crate::issue::{Binding, Issue};
-use crate::model::{event, BotInstance};
+use crate::model::{event, remember, BotInstance, MAX_KEY_HISTORY};
 use crate::outcome::{messages, Step};
-use crate::store::{InstanceWrite, TokenWrite};
+use crate::store::{InstanceWrite, LockGuard, TokenWrite};
 
 use super::checks::{Checked, FirstProof};
 use super::context::{Context, Delivery};
@@ -94,6 +94,25 @@ impl Context {
         if rotated {
             status.last_rotated_at = Some(now);
         }
+        if let (true, Some(old)) = (rotated, self.previous_key) {
+            if old != bound.key {
+                remember(
+                    &mut status.retired_public_keys,
+                    keys::kid(&old),
+                    MAX_KEY_HISTORY,
+                );
+            }
+        }
+        // Whether this certificate's identity key could later vouch for a redelivery: only if
+        // it was never certified before (a redelivery's key was, by definition).
+        let identity_kid = keys::kid(&self.identity_key);
+        status.redeliverable_identity_key =
+            (!status.seen_identity_keys.contains(&identity_kid)).then(|| identity_kid.clone());
+        remember(
+            &mut status.seen_identity_keys,
+            identity_kid,
+            MAX_KEY_HISTORY,
+        );
         let bound_ssh = keys::ssh_public_key(&bound.key);
         status.bound_public_key = Some(bound_ssh.clone());
         status.bound_instance_id = Some(instance_id.clone());
@@ -156,6 +175,10 @@ impl Context {
                 status,
             }),
             audit,
+            lock_guard: Some(LockGuard {
+                targets: self.lock_targets(),
+                at: now,
+            }),
         };
         match issue.issue(now) {
             Ok(success) => Step::Commit(success),

@@ -45,11 +45,12 @@ use boundkey_proto::{ClientMessage, Init, UnixTime};
 use crate::authority::Authority;
 use crate::entropy::Entropy;
 use crate::model::AuditEvent;
-use crate::outcome::Step;
+use crate::outcome::{RefusalClass, Step};
 use crate::ServiceConfig;
 
 pub use self::checks::JoinStateRejection;
 pub use self::proof::SolutionError;
+pub(crate) use self::start::is_token_name;
 pub use crate::input::{Peer, Snapshot};
 
 use self::context::Context;
@@ -91,14 +92,15 @@ impl Ceremony {
         step
     }
 
-    /// The connection ended or timed out mid-ceremony: the audit record for it.
-    pub fn abort_event(&self, reason: &str, now: UnixTime) -> Option<AuditEvent> {
+    /// The connection ended or timed out mid-ceremony: the audit record for it, and what the
+    /// caller had proven by then (a stalled first challenge is anonymous).
+    pub fn abort_event(&self, reason: &str, now: UnixTime) -> Option<(AuditEvent, RefusalClass)> {
         let delivery = self.state.delivery()?;
         let mut ev = self
             .ctx
             .event(crate::model::event::BOT_JOIN, false, delivery, now);
         ev.error = Some(reason.to_string());
-        Some(ev)
+        Some((ev, self.state.caller()))
     }
 
     /// Config the ceremony was started with (for the driver's logs).

@@ -2,6 +2,8 @@
 //! and returns the next one with the step to take; a refusal always leads to
 //! [`State::Done`].
 
+use crate::admin::verify_registration_secret;
+use crate::outcome::{messages, Refusal, RefusalClass, Step};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use boundkey_proto::claims::{ChallengeClaims, CHALLENGE_NBF_SKEW_SECS, CHALLENGE_TTL_SECS};
@@ -9,10 +11,6 @@ use boundkey_proto::{
     keys, Challenge, ChallengeSolution, ClientMessage, ErrorCode, RotationReason, RotationRequest,
     RotationResponse, ServerMessage, UnixTime,
 };
-use subtle::ConstantTimeEq;
-
-use crate::admin::hash_secret;
-use crate::outcome::{messages, Refusal, Step};
 
 use super::checks::{Checked, FirstProof, IdentityProof, Proven};
 use super::context::{Context, Delivery};
@@ -73,20 +71,23 @@ pub(super) fn begin(ctx: &Context, secret: Option<String>, now: UnixTime) -> Nex
     if let Some(initial) = &onboarding.initial_public_key {
         return match keys::parse_ssh_public_key(initial) {
             Ok(k) => challenge(ctx, k, Purpose::BoundKey, now),
-            Err(_) => refused(ctx.deny(
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                "stored initial_public_key unparseable",
-                Delivery::Fresh,
-                now,
-            )),
+            Err(_) => refused(
+                ctx.deny(
+                    ErrorCode::AccessDenied,
+                    messages::ACCESS_DENIED,
+                    "stored initial_public_key unparseable",
+                    Delivery::Fresh,
+                    now,
+                )
+                .class(RefusalClass::Anonymous),
+            ),
         };
     }
     // Secret path: missing, late and wrong all get the same answer.
     let stored = &ctx.token.status.registration_secret_hash;
     let late = onboarding.must_register_before.is_some_and(|d| now >= d);
     let ok = match (&secret, stored) {
-        (Some(s), Some(h)) => bool::from(hash_secret(s).as_bytes().ct_eq(h.as_bytes())),
+        (Some(s), Some(h)) => verify_registration_secret(s, h),
         _ => false,
     };
     if !ok || late {
@@ -96,13 +97,22 @@ pub(super) fn begin(ctx: &Context, secret: Option<String>, now: UnixTime) -> Nex
             (_, _, true) => "registration deadline (must_register_before) passed",
             _ => "wrong registration secret",
         };
-        return refused(ctx.deny(
-            ErrorCode::AccessDenied,
-            messages::ACCESS_DENIED,
-            reason,
-            Delivery::Fresh,
-            now,
-        ));
+        // Any sent secret that did not open the token counts as a guess (throttled).
+        let class = if secret.is_some() {
+            RefusalClass::WrongSecret
+        } else {
+            RefusalClass::Anonymous
+        };
+        return refused(
+            ctx.deny(
+                ErrorCode::AccessDenied,
+                messages::ACCESS_DENIED,
+                reason,
+                Delivery::Fresh,
+                now,
+            )
+            .class(class),
+        );
     }
     request_rotation(
         ExpectRotationResponse::Registration,
@@ -154,13 +164,16 @@ impl State {
             (State::ExpectSolution(s), ClientMessage::ChallengeSolution(m)) => {
                 s.handle(ctx, m, now)
             }
-            (State::Done, _) => refused(ctx.deny(
-                ErrorCode::BadRequest,
-                "the ceremony is over",
-                "message after the ceremony ended",
-                Delivery::Fresh,
-                now,
-            )),
+            (State::Done, _) => refused(
+                ctx.deny(
+                    ErrorCode::BadRequest,
+                    "the ceremony is over",
+                    "message after the ceremony ended",
+                    Delivery::Fresh,
+                    now,
+                )
+                .class(RefusalClass::Anonymous),
+            ),
             (state, msg) => {
                 let reason = format!(
                     "unexpected {} while waiting for {}",
@@ -168,13 +181,17 @@ impl State {
                     state.expects()
                 );
                 let delivery = state.delivery().unwrap_or(Delivery::Fresh);
-                refused(ctx.deny(
-                    ErrorCode::BadRequest,
-                    "unexpected message",
-                    &reason,
-                    delivery,
-                    now,
-                ))
+                let class = state.caller();
+                refused(
+                    ctx.deny(
+                        ErrorCode::BadRequest,
+                        "unexpected message",
+                        &reason,
+                        delivery,
+                        now,
+                    )
+                    .class(class),
+                )
             }
         }
     }
@@ -185,6 +202,21 @@ impl State {
             State::ExpectRotationResponse(_) => "rotation_response",
             State::ExpectSolution(_) => "challenge_solution",
             State::Done => "nothing",
+        }
+    }
+
+    /// What the caller has proven in this state: nothing while its first challenge is open
+    /// (or once the ceremony is over).
+    pub(super) fn caller(&self) -> RefusalClass {
+        match self {
+            State::ExpectSolution(ExpectSolution {
+                purpose: Purpose::BoundKey,
+                ..
+            })
+            | State::Done => RefusalClass::Anonymous,
+            State::ExpectSolution(_) | State::ExpectRotationResponse(_) => {
+                RefusalClass::Authenticated
+            }
         }
     }
 
@@ -231,6 +263,21 @@ impl ExpectRotationResponse {
                 now,
             ));
         }
+        // A retired key may have been copied or leaked while it was bound: never again.
+        if ctx
+            .token
+            .status
+            .retired_public_keys
+            .contains(&keys::kid(&new_key))
+        {
+            return refused(ctx.deny(
+                ErrorCode::AccessDenied,
+                "the new key must not be one this token was bound to before",
+                "rotation reused a retired bound key",
+                delivery,
+                now,
+            ));
+        }
         challenge(ctx, new_key, purpose, now)
     }
 }
@@ -246,14 +293,22 @@ impl ExpectSolution {
             Purpose::Rotation(c) => c.delivery,
             Purpose::BoundKey | Purpose::Registration => Delivery::Fresh,
         };
+        // A failed first proof by the bound key means nothing was proven.
+        let class = match purpose {
+            Purpose::BoundKey => RefusalClass::Anonymous,
+            Purpose::Registration | Purpose::Rotation(_) => RefusalClass::Authenticated,
+        };
         let denied = |reason: &str| {
-            refused(ctx.deny(
-                ErrorCode::AccessDenied,
-                messages::ACCESS_DENIED,
-                reason,
-                delivery,
-                now,
-            ))
+            refused(
+                ctx.deny(
+                    ErrorCode::AccessDenied,
+                    messages::ACCESS_DENIED,
+                    reason,
+                    delivery,
+                    now,
+                )
+                .class(class),
+            )
         };
         if let Err(e) = check_solution(&s.solution, &key, &claims, now) {
             return denied(&e.to_string());

@@ -18,7 +18,18 @@ struct Inner {
     instances: BTreeMap<String, BotInstance>,
     locks: BTreeMap<String, Lock>,
     audit: Vec<AuditEvent>,
+    /// Last audit id handed out (ids keep increasing across purges).
+    audit_seq: u64,
     authority: Option<(AuthorityState, u64)>,
+}
+
+impl Inner {
+    fn push_audit(&mut self, event: &AuditEvent) {
+        self.audit_seq += 1;
+        let mut ev = event.clone();
+        ev.id = self.audit_seq;
+        self.audit.push(ev);
+    }
 }
 
 #[derive(Default)]
@@ -142,6 +153,13 @@ impl Store for MemoryStore {
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
         let mut g = self.lock()?;
         // Check every precondition before writing anything: all or nothing.
+        if let Some(l) = c
+            .lock_guard
+            .as_ref()
+            .and_then(|guard| guard.blocking(g.locks.values()))
+        {
+            return Err(StoreError::Locked(l.name.clone()));
+        }
         if let Some(tw) = &c.token {
             match g.tokens.get(&tw.name) {
                 Some(t) if t.revision == tw.expected_revision => {}
@@ -199,9 +217,7 @@ impl Store for MemoryStore {
             }
         }
         for ev in &c.audit {
-            let mut ev = ev.clone();
-            ev.id = g.audit.len() as u64 + 1;
-            g.audit.push(ev);
+            g.push_audit(ev);
         }
         Ok(())
     }
@@ -222,10 +238,7 @@ impl Store for MemoryStore {
     }
 
     fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        let mut g = self.lock()?;
-        let mut ev = event.clone();
-        ev.id = g.audit.len() as u64 + 1;
-        g.audit.push(ev);
+        self.lock()?.push_audit(event);
         Ok(())
     }
     fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
@@ -238,6 +251,13 @@ impl Store for MemoryStore {
             .take(q.limit.unwrap_or(usize::MAX))
             .cloned()
             .collect())
+    }
+
+    fn purge_audit(&self, cutoff: UnixTime) -> Result<usize, StoreError> {
+        let mut g = self.lock()?;
+        let before = g.audit.len();
+        g.audit.retain(|e| e.time >= cutoff);
+        Ok(before - g.audit.len())
     }
 
     fn load_authority(&self) -> Result<Option<(AuthorityState, u64)>, StoreError> {

@@ -4,7 +4,7 @@
 use boundkey_proto::UnixTime;
 
 use crate::authority::AuthorityState;
-use crate::model::{AuditEvent, Bot, BotInstance, Lock, Token, TokenSpec, TokenStatus};
+use crate::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec, TokenStatus};
 
 pub mod memory;
 
@@ -19,6 +19,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("storage backend error: {0}")]
     Backend(String),
+    /// A commit's [`LockGuard`] found an active lock (added while the ceremony ran).
+    #[error("locked by {0}")]
+    Locked(String),
 }
 
 /// A ceremony's complete set of state changes, applied atomically or not at all.
@@ -30,6 +33,26 @@ pub struct Commit {
     pub token: Option<TokenWrite>,
     pub instance: InstanceWrite,
     pub audit: Vec<AuditEvent>,
+    /// Checked inside the commit's transaction: a lock placed after the ceremony read the locks
+    /// (while the client was solving its challenge) still stops it.
+    pub lock_guard: Option<LockGuard>,
+}
+
+/// The lock targets a commit must not proceed past.
+#[derive(Debug, Clone)]
+pub struct LockGuard {
+    pub targets: Vec<LockTarget>,
+    /// Locks are judged active at this time (the ceremony's `now`).
+    pub at: UnixTime,
+}
+
+impl LockGuard {
+    /// The first of `locks` that is active and covers one of the targets.
+    pub fn blocking<'a>(&self, locks: impl IntoIterator<Item = &'a Lock>) -> Option<&'a Lock> {
+        locks
+            .into_iter()
+            .find(|l| l.is_active(self.at) && self.targets.contains(&l.target))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -94,8 +117,9 @@ pub trait Store: Send + Sync {
     /// Deletes instances whose `expires` is before `cutoff`; returns how many.
     fn purge_instances(&self, cutoff: UnixTime) -> Result<usize, StoreError>;
 
-    /// Applies a ceremony's changes atomically. `Conflict` if a revision check fails, in which
-    /// case nothing at all was written.
+    /// Applies a ceremony's changes atomically. `Conflict` if a revision check fails, `Locked`
+    /// if the commit's [`LockGuard`] finds an active lock (read in the same transaction), in
+    /// either case nothing at all was written.
     fn commit(&self, commit: &Commit) -> Result<(), StoreError>;
 
     /// Inserts a lock unless one with the same name exists. Returns whether it was inserted.
@@ -106,6 +130,8 @@ pub trait Store: Send + Sync {
     /// Appends; the store assigns increasing ids.
     fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
     fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Deletes audit events older than `cutoff` (retention); returns how many.
+    fn purge_audit(&self, cutoff: UnixTime) -> Result<usize, StoreError>;
 
     /// The CA state with its revision, if initialised.
     fn load_authority(&self) -> Result<Option<(AuthorityState, u64)>, StoreError>;

@@ -29,12 +29,16 @@ pub struct World {
 
 impl World {
     pub fn new() -> Self {
+        Self::with_config(ServiceConfig::default())
+    }
+
+    pub fn with_config(cfg: ServiceConfig) -> Self {
         let store = Arc::new(MemoryStore::new());
         let state = AuthorityState::generate("test-cluster", T0).unwrap();
         let svc = Service::new(
             store.clone(),
             Arc::new(Authority::load(&state).unwrap()),
-            ServiceConfig::default(),
+            cfg,
         );
         World {
             store,
@@ -100,6 +104,8 @@ pub struct Device {
     pub join_state: Option<String>,
     pub last: Option<JoinResult>,
     pub on_rotation: OnRotation,
+    /// When set, the answer to the next rotation request, whatever `on_rotation` says.
+    pub next_rotation_key: Option<SigningKey>,
     pub rotation_requests: usize,
     pub ttl: u64,
 }
@@ -124,6 +130,7 @@ impl Device {
             join_state: None,
             last: None,
             on_rotation: OnRotation::NewKey,
+            next_rotation_key: None,
             rotation_requests: 0,
             ttl: 3600,
         }
@@ -159,9 +166,10 @@ impl Device {
         match msg {
             ServerMessage::RotationRequest(_) => {
                 self.rotation_requests += 1;
-                let k = match self.on_rotation {
-                    OnRotation::NewKey => new_key(),
-                    OnRotation::ReuseKey => self.bound.clone(),
+                let k = match (self.next_rotation_key.take(), self.on_rotation) {
+                    (Some(k), _) => k,
+                    (None, OnRotation::NewKey) => new_key(),
+                    (None, OnRotation::ReuseKey) => self.bound.clone(),
                 };
                 let pk = ssh(&k);
                 self.pending = Some(k);

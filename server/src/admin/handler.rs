@@ -14,11 +14,12 @@ use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
 use serde_json::{json, Value};
 
 use super::views::{
-    BotDeleted, BotSummary, CaRotated, InstanceDeleted, InstanceView, LockDeleted, LockView,
-    NewCredential, ServerInfo, TokenCreated, TokenDeleted, TokenView,
+    BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstanceView, LockDeleted,
+    LockView, NewCredential, ServerInfo, TokenCreated, TokenDeleted, TokenView,
 };
 use super::{
-    AdminError, AuditLs, CaRotate, ErrorKind, LocksAdd, Operation, Request, TokensAdd, TokensEdit,
+    AdminError, AuditLs, CaExport, CaRotate, ErrorKind, ExportFormat, ExportType, LocksAdd,
+    Operation, Request, TokensAdd, TokensEdit,
 };
 
 /// How often a spec edit is retried when a ceremony bumped the token's revision meanwhile.
@@ -82,6 +83,7 @@ pub fn handle(
         Request::LocksRm(op) => reply(op, |op| h.locks_rm(&op.name)),
         Request::AuditLs(op) => reply(op, |op| h.audit_ls(op)),
         Request::CaRotate(op) => reply(op, |op| h.ca_rotate(op)),
+        Request::CaExport(op) => reply(op, |op| h.ca_export(op)),
     }
 }
 
@@ -585,6 +587,45 @@ impl Handler<'_> {
             kid,
             grace_period_secs: grace,
             previous_trusted_until: trusted_until,
+        })
+    }
+
+    /// Public material only, from the authority the service uses now: after a rotation the
+    /// export holds every key still trusted (grace period included).
+    fn ca_export(&self, op: CaExport) -> Result<CaExported, AdminError> {
+        let a = self.ctx.service.authority();
+        let json = |v: serde_json::Result<String>| {
+            v.map(|mut s| {
+                s.push('\n');
+                s
+            })
+            .map_err(|e| AdminError::internal(format!("cannot encode the JWK set: {e}")))
+        };
+        let failed = |e: boundkey_auth::authority::AuthorityError| {
+            AdminError::internal(format!("cannot export the CA: {e}"))
+        };
+        let data = match (op.kind, op.format) {
+            (ExportType::Identity, ExportFormat::Pem) => a.identity_ca_bundle(self.now),
+            (ExportType::Identity, ExportFormat::Jwks) => json(serde_json::to_string_pretty(
+                &a.identity_jwks(self.now).map_err(failed)?,
+            ))?,
+            (ExportType::JoinState, ExportFormat::Pem) => {
+                a.join_state_public_pem(self.now).map_err(failed)?
+            }
+            (ExportType::JoinState, ExportFormat::Jwks) => {
+                json(serde_json::to_string_pretty(&a.join_state_jwks(self.now)))?
+            }
+            (ExportType::Tls, ExportFormat::Pem) => a.tls_ca_pem().to_string(),
+            (ExportType::Tls, ExportFormat::Jwks) => {
+                return Err(AdminError::bad_request(
+                    "the TLS CA exports as PEM only (agents pin it by its SPKI hash)",
+                ))
+            }
+        };
+        Ok(CaExported {
+            kind: op.kind,
+            format: op.format,
+            data,
         })
     }
 }

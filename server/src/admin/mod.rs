@@ -17,8 +17,8 @@ pub mod socket;
 pub mod views;
 
 use views::{
-    BotDeleted, BotSummary, CaRotated, InstanceDeleted, InstanceView, LockDeleted, LockView,
-    ServerInfo, TokenCreated, TokenDeleted, TokenView,
+    BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstanceView, LockDeleted,
+    LockView, ServerInfo, TokenCreated, TokenDeleted, TokenView,
 };
 
 /// File name of the admin socket inside the data directory.
@@ -82,6 +82,8 @@ pub enum Request {
     AuditLs(AuditLs),
     #[serde(rename = "ca.rotate")]
     CaRotate(CaRotate),
+    #[serde(rename = "ca.export")]
+    CaExport(CaExport),
 }
 
 impl Request {
@@ -106,6 +108,7 @@ impl Request {
             Request::LocksRm(_) => "locks.rm",
             Request::AuditLs(_) => "audit.ls",
             Request::CaRotate(_) => "ca.rotate",
+            Request::CaExport(_) => "ca.export",
         }
     }
 }
@@ -145,6 +148,7 @@ operations! {
     LocksRm => LockDeleted,
     AuditLs => Vec<AuditEvent>,
     CaRotate => CaRotated,
+    CaExport => CaExported,
 }
 
 /// Cluster name, CA pin and listener address.
@@ -279,6 +283,67 @@ impl std::str::FromStr for CaType {
     }
 }
 
+/// Public trust material for relying parties: a CA bundle, or the keys that verify join-state
+/// documents. Only public keys and certificates leave the server this way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaExport {
+    #[serde(rename = "type")]
+    pub kind: ExportType,
+    pub format: ExportFormat,
+}
+
+/// What `ca.export` exports: the identity CAs (the SPIFFE trust bundle), the join-state keys, or
+/// the TLS CA that agents pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportType {
+    Identity,
+    JoinState,
+    Tls,
+}
+
+/// A name that is not an [`ExportType`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown CA type {0:?} (expected identity, join-state or tls)")]
+pub struct UnknownExportType(pub String);
+
+impl std::str::FromStr for ExportType {
+    type Err = UnknownExportType;
+    fn from_str(s: &str) -> Result<Self, UnknownExportType> {
+        match s {
+            "identity" => Ok(ExportType::Identity),
+            "join-state" | "join_state" => Ok(ExportType::JoinState),
+            "tls" => Ok(ExportType::Tls),
+            o => Err(UnknownExportType(o.to_string())),
+        }
+    }
+}
+
+/// PEM (certificates, or SPKI public keys for join-state) or an RFC 7517 JWK set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    Pem,
+    Jwks,
+}
+
+/// A name that is not an [`ExportFormat`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown export format {0:?} (expected pem or jwks)")]
+pub struct UnknownExportFormat(pub String);
+
+impl std::str::FromStr for ExportFormat {
+    type Err = UnknownExportFormat;
+    fn from_str(s: &str) -> Result<Self, UnknownExportFormat> {
+        match s {
+            "pem" => Ok(ExportFormat::Pem),
+            "jwks" => Ok(ExportFormat::Jwks),
+            o => Err(UnknownExportFormat(o.to_string())),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensAdd {
@@ -394,7 +459,8 @@ impl From<boundkey_auth::store::StoreError> for AdminError {
     fn from(e: boundkey_auth::store::StoreError) -> Self {
         use boundkey_auth::store::StoreError as S;
         let code = match &e {
-            S::Conflict(_) => ErrorKind::Conflict,
+            // Only ceremony commits check locks; no admin operation sees `Locked`.
+            S::Conflict(_) | S::Locked(_) => ErrorKind::Conflict,
             S::AlreadyExists(_) => ErrorKind::AlreadyExists,
             S::NotFound(_) => ErrorKind::NotFound,
             S::Backend(_) => ErrorKind::Internal,
@@ -483,6 +549,19 @@ mod tests {
                 grace_period_secs: 60
             })
         );
+        let r: Request =
+            serde_json::from_str(r#"{"op":"ca.export","type":"join_state","format":"jwks"}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            Request::CaExport(CaExport {
+                kind: ExportType::JoinState,
+                format: ExportFormat::Jwks
+            })
+        );
+        assert_eq!("tls".parse(), Ok(ExportType::Tls));
+        assert_eq!("join-state".parse(), Ok(ExportType::JoinState));
+        assert!("der".parse::<ExportFormat>().is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"bots.add","name":"x","y":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"nope"}"#).is_err());
     }

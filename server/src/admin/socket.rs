@@ -72,45 +72,47 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
     let uid = stream.peer_cred()?.uid();
     let me = own_uid();
     let (read, mut write) = stream.into_split();
+    // The request line is read even from a refused peer: closing with its request unread
+    // would reset the connection, and the client would see "Broken pipe" or "Connection
+    // reset" instead of the answer below.
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_LEN as u64 + 1);
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => return Ok(()),
+        Ok(r) => {
+            r?;
+        }
+    }
     let response = if uid != me && uid != 0 {
         tracing::warn!(uid, "admin request from a foreign uid refused");
         Response::from_result(Err(AdminError::new(
             ErrorKind::Forbidden,
-            format!("uid {uid} may not use this admin socket (only uid {me} and root)"),
+            format!(
+                "permission denied: this admin socket accepts only uid {me} (the user running \
+                 boundkey-authd) and root; you are uid {uid}"
+            ),
         )))
+    } else if line.len() > MAX_REQUEST_LEN {
+        Response::from_result(Err(AdminError::bad_request("request line too long")))
     } else {
-        let mut line = String::new();
-        let mut reader = BufReader::new(read).take(MAX_REQUEST_LEN as u64 + 1);
-        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-            Err(_) => return Ok(()),
-            Ok(r) => {
-                r?;
-            }
-        }
-        if line.len() > MAX_REQUEST_LEN {
-            Response::from_result(Err(AdminError::bad_request("request line too long")))
-        } else {
-            match serde_json::from_str::<Request>(line.trim_end()) {
-                Err(e) => Response::from_result(Err(AdminError::bad_request(format!(
-                    "malformed admin request: {e}"
-                )))),
-                Ok(req) => {
-                    let caller = Caller { uid };
-                    let op = req.op();
-                    let r = tokio::task::spawn_blocking(move || {
-                        handler::handle(&ctx, caller, req, crate::now())
-                    })
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(AdminError::internal(format!("admin task failed: {e}")))
-                    });
-                    if let Err(e) = &r {
-                        tracing::info!(uid, op, error = %e, "admin request failed");
-                    } else {
-                        tracing::debug!(uid, op, "admin request");
-                    }
-                    Response::from_result(r)
+        match serde_json::from_str::<Request>(line.trim_end()) {
+            Err(e) => Response::from_result(Err(AdminError::bad_request(format!(
+                "malformed admin request: {e}"
+            )))),
+            Ok(req) => {
+                let caller = Caller { uid };
+                let op = req.op();
+                let r = tokio::task::spawn_blocking(move || {
+                    handler::handle(&ctx, caller, req, crate::now())
+                })
+                .await
+                .unwrap_or_else(|e| Err(AdminError::internal(format!("admin task failed: {e}"))));
+                if let Err(e) = &r {
+                    tracing::info!(uid, op, error = %e, "admin request failed");
+                } else {
+                    tracing::debug!(uid, op, "admin request");
                 }
+                Response::from_result(r)
             }
         }
     };

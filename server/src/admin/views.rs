@@ -16,7 +16,7 @@ use boundkey_auth::UnixTime;
 use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::CaType;
+use super::{CaType, ExportFormat, ExportType};
 
 /// Serde through `Display` / `FromStr`, for proto types written as one string.
 mod as_text {
@@ -160,6 +160,10 @@ impl From<&TokenStatus> for TokenStatusView {
             last_recovered_at,
             last_rotated_at,
             join_count,
+            // Key histories the ceremony keeps for its own checks; not shown to operators.
+            retired_public_keys: _,
+            seen_identity_keys: _,
+            redeliverable_identity_key: _,
         } = s;
         TokenStatusView {
             bound_public_key: bound_public_key.clone(),
@@ -273,6 +277,16 @@ pub struct CaRotated {
     pub kid: String,
     pub grace_period_secs: u64,
     pub previous_trusted_until: UnixTime,
+}
+
+/// `ca export`: the exported material as text (PEM blocks, or the JWK set as JSON), ready to be
+/// written to a file as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaExported {
+    #[serde(rename = "type")]
+    pub kind: ExportType,
+    pub format: ExportFormat,
+    pub data: String,
 }
 
 #[cfg(test)]

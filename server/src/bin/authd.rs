@@ -29,8 +29,9 @@ struct Start {
     /// Address of the TLS listener for agents; port 0 picks a free port (printed at start).
     #[arg(long, default_value = "0.0.0.0:3025")]
     listen: String,
-    /// Cluster name: issuer and audience of every document, part of SPIFFE ids.
-    #[arg(long)]
+    /// Cluster name: issuer and audience of every document. In lower case it is the SPIFFE
+    /// trust domain (spiffe://CLUSTER/bot/NAME); 1-64 characters from [A-Za-z0-9._-], not . or ..
+    #[arg(long, value_parser = parse_cluster)]
     cluster: String,
     /// Storage URL: sqlite:PATH (default sqlite:DATA_DIR/boundkey.db).
     #[arg(long)]
@@ -41,12 +42,24 @@ struct Start {
     /// Deadline for one connection: TLS handshake plus the whole ceremony.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     ceremony_timeout: Duration,
+    /// Deadline from connect to the first valid message (TLS handshake included).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    first_frame_timeout: Duration,
     /// Most connections served at once; more wait in the listen backlog.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most connections from one address (an IPv6 /64) at once; more are closed at once.
+    #[arg(long, default_value_t = 128)]
+    max_connections_per_address: usize,
+    /// Most connections from one address that have not yet sent a valid first message.
+    #[arg(long, default_value_t = 32)]
+    max_pending_per_address: usize,
     /// How long an expired bot instance stays listed before it is purged.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     instance_retention: Duration,
+    /// How long audit events are kept (0 keeps them forever).
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    audit_retention: Duration,
     /// How often expired instances are purged.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     purge_interval: Duration,
@@ -61,6 +74,16 @@ struct Start {
     min_cert_ttl: Duration,
 }
 
+/// Refuses at argument parsing what can never be a trust domain or was always refused later.
+/// Upper case is accepted (clusters created before the trust-domain rule must stay loadable
+/// under their name) and lowered in SPIFFE IDs; `main` says so.
+fn parse_cluster(s: &str) -> Result<String, String> {
+    boundkey_auth::admin::validate_name(s)
+        .map_err(|_| "use 1-64 characters from [A-Za-z0-9._-], not . or ..".to_string())?;
+    boundkey_auth::authority::trust_domain(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -71,6 +94,14 @@ fn main() -> ExitCode {
         )
         .init();
     let Cmd::Start(s) = cli.cmd;
+    if s.cluster.bytes().any(|b| b.is_ascii_uppercase()) {
+        eprintln!(
+            "boundkey-authd: warning: cluster name {:?} has upper-case letters; SPIFFE IDs use \
+             the lower-case trust domain {:?}",
+            s.cluster,
+            s.cluster.to_ascii_lowercase()
+        );
+    }
     if s.min_cert_ttl > s.max_cert_ttl {
         eprintln!("boundkey-authd: error: --min-cert-ttl is above --max-cert-ttl");
         return ExitCode::from(2);
@@ -82,13 +113,18 @@ fn main() -> ExitCode {
         storage: s.storage,
         tls_names: s.tls_names,
         ceremony_timeout: s.ceremony_timeout,
+        first_frame_timeout: s.first_frame_timeout,
         max_connections: s.max_connections,
+        max_connections_per_address: s.max_connections_per_address,
+        max_pending_per_address: s.max_pending_per_address,
         instance_retention: s.instance_retention,
         purge_interval: s.purge_interval,
         service: ServiceConfig {
             default_ttl_secs: s.default_cert_ttl.as_secs(),
             max_ttl_secs: s.max_cert_ttl.as_secs(),
             min_ttl_secs: s.min_cert_ttl.as_secs(),
+            audit_retention_secs: s.audit_retention.as_secs(),
+            ..ServiceConfig::default()
         },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

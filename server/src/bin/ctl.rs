@@ -11,7 +11,9 @@ use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{Endpoint, EndpointError, JoinMethod};
 use boundkey_server::admin::client::{self, ClientError};
 use boundkey_server::admin::views::{NewCredential, TokenCreated};
-use boundkey_server::admin::{self, CaType, LocksAdd, Operation, TokensAdd, TokensEdit};
+use boundkey_server::admin::{
+    self, CaType, ExportFormat, ExportType, LocksAdd, Operation, TokensAdd, TokensEdit,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
@@ -98,7 +100,8 @@ struct TokensAddArgs {
     /// Pre-registered bound public key, `ecdsa-sha2-nistp256 AAAA…` (no registration secret).
     #[arg(long)]
     initial_public_key: Option<String>,
-    /// Registration secret to use (generated when neither this nor a public key is given).
+    /// Registration secret to use, at least 16 characters (a random one is generated when
+    /// neither this nor a public key is given).
     #[arg(long)]
     registration_secret: Option<String>,
     #[arg(long)]
@@ -220,6 +223,17 @@ enum CaCmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         grace_period: Duration,
     },
+    /// Print public trust material: the identity CA bundle (the SPIFFE trust bundle), the
+    /// join-state verification keys, or the TLS CA. Every key still trusted is included.
+    Export {
+        /// identity, join-state or tls.
+        #[arg(long = "type")]
+        kind: ExportType,
+        /// pem (certificates; public keys for join-state) or jwks (RFC 7517; for identity the
+        /// SPIFFE bundle format).
+        #[arg(long, default_value = "pem")]
+        encoding: ExportFormat,
+    },
 }
 
 fn now() -> UnixTime {
@@ -301,6 +315,24 @@ fn scalar(key: &str, v: &Value) -> String {
     }
 }
 
+/// `s` safe to print on a terminal: control characters (newlines, escape sequences) and
+/// bidirectional overrides are shown as escapes (`\n`, `\u{1b}`), so a value stored from the
+/// network (token names, heartbeat fields, error texts) cannot start a row of its own or
+/// drive the terminal. Every cell of text output goes through it; JSON output is escaped by
+/// the encoder.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A time for text output; `-` when unset.
 fn opt_time(t: Option<UnixTime>) -> String {
     t.map(fmt_time).unwrap_or_else(|| "-".into())
@@ -318,6 +350,7 @@ fn print_kv<T: Serialize>(v: &T) {
     flatten("", &v, &mut lines);
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, val) in lines {
+        let (k, val) = (printable(&k), printable(&val));
         println!("{k:width$}  {val}");
     }
 }
@@ -350,6 +383,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
 
 /// Prints an aligned table.
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let rows = escape_rows(rows);
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -376,6 +410,13 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     for r in rows {
         line(r);
     }
+}
+
+/// Every cell of a table, made [`printable`] before widths are measured.
+fn escape_rows(rows: Vec<Vec<String>>) -> Vec<Vec<String>> {
+    rows.into_iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect()
 }
 
 /// Why a `boundkeyctl` command failed; printed as one line.
@@ -486,6 +527,14 @@ impl Ctl {
                         fmt_time(r.previous_trusted_until),
                     )
                 });
+            }
+            Cmd::Ca(CaCmd::Export { kind, encoding }) => {
+                let r = self.call(admin::CaExport {
+                    kind,
+                    format: encoding,
+                })?;
+                // Text mode prints the material alone so it can be redirected to a file.
+                self.show(&r, |r| print!("{}", r.data));
             }
         }
         Ok(())
@@ -791,5 +840,29 @@ fn main() -> ExitCode {
             eprintln!("boundkeyctl: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8 defect 6: stored strings from the network were printed raw by `audit ls` and
+    /// the other tables (newlines forged rows, escapes reached the terminal).
+    #[test]
+    fn untrusted_strings_are_printed_escaped() {
+        assert_eq!(printable("plain name-1.x"), "plain name-1.x");
+        assert_eq!(
+            printable("tok\n42  2026-01-01  bot.join  yes"),
+            "tok\\n42  2026-01-01  bot.join  yes"
+        );
+        assert_eq!(printable("\u{1b}[2J\r\t"), "\\u{1b}[2J\\r\\t");
+        assert_eq!(printable("a\u{202e}b"), "a\\u{202e}b");
+        let rows = escape_rows(vec![vec!["x\ny".into(), "\u{7}".into()]]);
+        assert_eq!(rows, vec![vec!["x\\ny".to_string(), "\\u{7}".to_string()]]);
+        assert!(rows
+            .iter()
+            .flatten()
+            .all(|c| !c.chars().any(char::is_control)));
     }
 }

@@ -132,6 +132,9 @@ mod debug {
         fn purge_instances(&self, cutoff: UnixTime) -> Result<usize, StoreError> {
             self.inner.purge_instances(cutoff)
         }
+        fn purge_audit(&self, cutoff: UnixTime) -> Result<usize, StoreError> {
+            self.inner.purge_audit(cutoff)
+        }
         fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
             let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
             self.reached("before-commit", n);

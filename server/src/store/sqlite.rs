@@ -66,11 +66,18 @@ const MIGRATIONS: &[&str] = &[
         revision    INTEGER NOT NULL
     );
     ",
+    // 2: audit retention deletes by time.
+    "CREATE INDEX audit_time ON audit(time);",
 ];
 
 /// Why the database could not be opened. Always names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error("cannot restrict SQLite database {path} to its owner (mode 0600): {source}")]
+    Permissions {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open SQLite database {path}: {source}")]
     Open {
         path: PathBuf,
@@ -125,8 +132,12 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `path` and brings its schema up to date.
+    ///
+    /// The file holds the CA private keys, so it and its `-wal`/`-shm` companions are kept
+    /// owner-only (0600) wherever `path` points: see [`restrict_files`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
         let path = path.as_ref().to_path_buf();
+        restrict_files(&path)?;
         let conn = Connection::open(&path).map_err(|source| OpenError::Open {
             path: path.clone(),
             source,
@@ -159,6 +170,9 @@ impl SqliteStore {
         }
         let mut conn = conn;
         migrate(&mut conn, &path)?;
+        // The WAL switch above may have just created -wal and -shm; SQLite gives them the
+        // database's mode, but a wider pair left over from before is tightened here too.
+        restrict_files(&path)?;
         Ok(SqliteStore {
             path,
             conn: Mutex::new(conn),
@@ -206,6 +220,62 @@ impl SqliteStore {
         })
         .collect()
     }
+}
+
+/// Mode of the database and its `-wal`/`-shm` files: they hold the CA private keys in clear.
+const DB_FILE_MODE: u32 = 0o600;
+
+/// Creates a missing database file with mode 0600 (before SQLite creates it with 0644 less the
+/// umask), and tightens an existing database, `-wal` or `-shm` that others could read or write,
+/// with a warning. SQLite creates `-wal`/`-shm` with the database's own mode, so a 0600
+/// database keeps them 0600 regardless of the umask.
+fn restrict_files(db: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    let perm_err = |path: &Path, source: std::io::Error| OpenError::Permissions {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(DB_FILE_MODE)
+        .open(db)
+    {
+        Ok(f) => {
+            // The umask may have taken bits off 0600 (e.g. 0277 leaves 0400); set it exactly.
+            f.set_permissions(std::fs::Permissions::from_mode(DB_FILE_MODE))
+                .map_err(|e| perm_err(db, e))?;
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(perm_err(db, e)),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        let meta = match std::fs::metadata(&file) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(perm_err(&file, e)),
+        };
+        if !meta.is_file() {
+            // Not ours to chmod (e.g. a device node); SQLite reports what is wrong with it.
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(DB_FILE_MODE))
+                .map_err(|e| perm_err(&file, e))?;
+            tracing::warn!(
+                path = %file.display(),
+                mode = format!("{mode:o}"),
+                "database file was accessible to others (it holds the CA keys); set mode 0600"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
@@ -455,6 +525,14 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
+        // Locks are read under the write lock too: one added while the ceremony ran (after its
+        // snapshot) stops the commit, and none can be added between this check and the writes.
+        if let Some(guard) = &c.lock_guard {
+            let locks = read_locks(&tx).map_err(|e| self.map_tx(e))?;
+            if let Some(l) = guard.blocking(&locks) {
+                return Err(StoreError::Locked(l.name.clone()));
+            }
+        }
         if let Some(tw) = &c.token {
             let status = to_json(&tw.status)?;
             let n = tx
@@ -553,6 +631,12 @@ impl Store for SqliteStore {
             Ok(ev)
         })
         .collect()
+    }
+
+    fn purge_audit(&self, cutoff: UnixTime) -> Result<usize, StoreError> {
+        self.conn()?
+            .execute("DELETE FROM audit WHERE time < ?1", [cutoff])
+            .map_err(|e| self.err(e))
     }
 
     fn load_authority(&self) -> Result<Option<(AuthorityState, u64)>, StoreError> {
@@ -673,6 +757,17 @@ fn update_instance_tx(
         .into());
     }
     Ok(())
+}
+
+fn read_locks(conn: &Connection) -> Result<Vec<Lock>, TxError> {
+    let mut stmt = conn.prepare_cached("SELECT name, doc FROM locks")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut locks = Vec::new();
+    for row in rows {
+        let (name, doc) = row?;
+        locks.push(from_json(&format!("lock {name}"), &doc)?);
+    }
+    Ok(locks)
 }
 
 fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), TxError> {

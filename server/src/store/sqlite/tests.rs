@@ -98,6 +98,7 @@ fn token_revisions_and_spec_update_never_touch_status() {
         }),
         instance: InstanceWrite::Create(instance("i1", "robot", 1000)),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
 
@@ -140,6 +141,7 @@ fn conflicting_commit_leaves_nothing_written() {
         }),
         instance: InstanceWrite::Create(instance("i-new", "robot", 1000)),
         audit: vec![audit("bot.join", 2), audit("bound_keypair.recovery", 2)],
+        lock_guard: None,
     };
     assert!(matches!(s.commit(&stale), Err(StoreError::Conflict(_))));
     assert_eq!(s.get_token("t1").unwrap().unwrap(), before_token);
@@ -152,6 +154,7 @@ fn conflicting_commit_leaves_nothing_written() {
         token: None,
         instance: InstanceWrite::Create(existing.clone()),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
     existing.status.generation = 9;
@@ -163,6 +166,7 @@ fn conflicting_commit_leaves_nothing_written() {
         }),
         instance: InstanceWrite::Create(existing),
         audit: vec![audit("bot.join", 3)],
+        lock_guard: None,
     };
     assert!(matches!(s.commit(&dup), Err(StoreError::AlreadyExists(_))));
     assert_eq!(s.get_token("t1").unwrap().unwrap().revision, 1);
@@ -186,6 +190,7 @@ fn conflicting_commit_leaves_nothing_written() {
             expected_revision: 5,
         },
         audit: vec![audit("bot.join", 4)],
+        lock_guard: None,
     };
     assert!(matches!(
         s.commit(&stale_inst),
@@ -221,6 +226,7 @@ fn commit_to_missing_token_is_not_found() {
         }),
         instance: InstanceWrite::Create(instance("i1", "robot", 1)),
         audit: vec![],
+        lock_guard: None,
     };
     assert!(matches!(s.commit(&c), Err(StoreError::NotFound(_))));
     assert_eq!(s.get_instance("i1").unwrap(), None);
@@ -235,6 +241,7 @@ fn instance_update_cas_list_and_purge() {
             token: None,
             instance: InstanceWrite::Create(instance(id, bot, exp)),
             audit: vec![],
+            lock_guard: None,
         })
         .unwrap();
     }
@@ -338,12 +345,14 @@ fn bots_and_cascading_delete() {
         token: None,
         instance: InstanceWrite::Create(instance("i1", "robot", 1)),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
     s.commit(&Commit {
         token: None,
         instance: InstanceWrite::Create(instance("i2", "other", 1)),
         audit: vec![],
+        lock_guard: None,
     })
     .unwrap();
     assert_eq!(s.list_bots().unwrap().len(), 2);
@@ -392,6 +401,7 @@ fn data_survives_reopen() {
             token: None,
             instance: InstanceWrite::Create(instance("i1", "robot", 77)),
             audit: vec![audit("bot.join", 6)],
+            lock_guard: None,
         })
         .unwrap();
     }
@@ -456,6 +466,7 @@ fn concurrent_commits_on_one_token_only_one_wins() {
                     }),
                     instance: InstanceWrite::Create(instance(&format!("i{n}"), "robot", 1)),
                     audit: vec![audit("bot.join", 1)],
+                    lock_guard: None,
                 })
             })
         })
@@ -478,4 +489,85 @@ fn concurrent_commits_on_one_token_only_one_wins() {
         t.status.bound_instance_id,
         Some(s.list_instances(None).unwrap()[0].spec.instance_id.clone())
     );
+}
+
+/// Issue 8 defect 7: the commit re-reads the locks inside its transaction, so a lock placed
+/// after the ceremony's snapshot stops it and nothing is written.
+#[test]
+fn commit_is_refused_by_an_active_lock_on_a_guarded_target() {
+    use boundkey_auth::store::LockGuard;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.create_token(&token("t1")).unwrap();
+    let lock = |name: &str, target: LockTarget, expires: Option<UnixTime>| Lock {
+        name: name.into(),
+        target,
+        message: "m".into(),
+        expires,
+        created_by: "admin".into(),
+        created_at: 1,
+    };
+    // Expired, and on another target: neither stops the commit below.
+    s.add_lock(&lock("old", LockTarget::Bot("robot".into()), Some(50)))
+        .unwrap();
+    s.add_lock(&lock("other", LockTarget::Bot("other".into()), None))
+        .unwrap();
+    let commit = |id: &str| Commit {
+        token: Some(TokenWrite {
+            name: "t1".into(),
+            expected_revision: s.get_token("t1").unwrap().unwrap().revision,
+            status: TokenStatus::default(),
+        }),
+        instance: InstanceWrite::Create(instance(id, "robot", 1000)),
+        audit: vec![audit("bot.join", 100)],
+        lock_guard: Some(LockGuard {
+            targets: vec![
+                LockTarget::Bot("robot".into()),
+                LockTarget::JoinToken("t1".into()),
+            ],
+            at: 100,
+        }),
+    };
+    s.commit(&commit("i1")).unwrap();
+    s.add_lock(&lock("new", LockTarget::JoinToken("t1".into()), None))
+        .unwrap();
+    let before = s.get_token("t1").unwrap().unwrap();
+    let audit_before = s.list_audit(&AuditQuery::default()).unwrap().len();
+    match s.commit(&commit("i2")) {
+        Err(StoreError::Locked(name)) => assert_eq!(name, "new"),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert_eq!(s.get_token("t1").unwrap().unwrap(), before);
+    assert_eq!(s.get_instance("i2").unwrap(), None);
+    assert_eq!(
+        s.list_audit(&AuditQuery::default()).unwrap().len(),
+        audit_before
+    );
+}
+
+/// Issue 8 defect 6: audit retention.
+#[test]
+fn purge_audit_deletes_only_events_older_than_the_cutoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    for t in [10, 20, 30] {
+        s.append_audit(&audit("bot.join", t)).unwrap();
+    }
+    assert_eq!(s.purge_audit(20).unwrap(), 1);
+    let left: Vec<_> = s
+        .list_audit(&AuditQuery::default())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.time)
+        .collect();
+    assert_eq!(left, vec![30, 20]);
+    // Ids keep increasing after a purge.
+    s.append_audit(&audit("bot.join", 40)).unwrap();
+    let ids: Vec<_> = s
+        .list_audit(&AuditQuery::default())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec![4, 3, 2]);
 }
