@@ -157,6 +157,13 @@ done
 # shellcheck disable=SC2016
 grep -q '^SYSTEMD_SERVICE:${PN} = "boundkeyd.service"' "$RECIPE" || die "$RECIPE: SYSTEMD_SERVICE must name boundkeyd.service"
 grep -Eq 'USERADD_PARAM:\$\{PN\} = .*--groups tss' "$RECIPE" || die "$RECIPE: the boundkeyd user must be in the tss group"
+# PACKAGECONFIG maps to `--no-default-features [--features tpm]`: the root package must keep a
+# `tpm` feature, on by default (what a plain cargo build ships).
+python3 - <<'PY' || die "Cargo.toml: the recipe needs the boundkey package's feature \"tpm\", in its defaults"
+import sys, tomllib
+f = tomllib.load(open("Cargo.toml", "rb")).get("features", {})
+sys.exit(0 if "tpm" in f and "tpm" in f.get("default", []) else 1)
+PY
 echo "ok"
 
 # --- 4. systemd unit -----------------------------------------------------------------------
