@@ -136,7 +136,7 @@ for release in scarthgap wrynose; do
     # homepageping would go on the network: this check stays offline.
     out="$("$venv/bin/oelint-adv" --quiet --relpaths --release "$release" --jobs 1 \
         --suppress oelint.vars.homepageping \
-        "$RECIPE" "$CRATES_INC" 2>&1 || true)"
+        "$RECIPE" "$CRATES_INC" yocto-layer/conf/layer.conf 2>&1 || true)"
     [ -n "$out" ] && printf '%s\n' "$out"
     if printf '%s\n' "$out" | grep -q ':error:'; then
         die "oelint-adv reports errors for $release"
