@@ -138,6 +138,10 @@ for release in scarthgap wrynose; do
         --suppress oelint.vars.homepageping \
         "$RECIPE" "$CRATES_INC" yocto-layer/conf/layer.conf 2>&1 || true)"
     [ -n "$out" ] && printf '%s\n' "$out"
+    # oelint-adv exits 1 for any finding; anything but finding lines means it failed to run.
+    if [ -n "$out" ] && printf '%s\n' "$out" | grep -vqE '^[^:]+:[0-9]+:(error|warning|info):'; then
+        die "oelint-adv did not run cleanly for $release (output above)"
+    fi
     if printf '%s\n' "$out" | grep -q ':error:'; then
         die "oelint-adv reports errors for $release"
     fi
