@@ -21,6 +21,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build (binaries used by end-to-end tests)"
 cargo build --workspace --bins --locked
+echo "== systemd unit and Yocto layer (offline checks; the unit's command line as its user)"
+bash scripts/yocto-check.sh --e2e
 echo "== builds without the TPM backend (the key store must then default to files)"
 cargo check -p boundkey --no-default-features --locked
 cargo test -p boundkey-hal --no-default-features --locked --lib -q 2>&1 | grep -E '^test result' || exit 1
