@@ -135,6 +135,12 @@ pub(crate) struct StartArgs {
     /// Join or renew once, send one heartbeat, and exit.
     #[arg(long)]
     pub(crate) oneshot: bool,
+    /// Serve /healthz, /readyz and /metrics on this Unix socket (off by default).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) health_socket: Option<PathBuf>,
+    /// Serve /healthz, /readyz and /metrics on this TCP address, e.g. 127.0.0.1:9105.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) health_listen: Option<std::net::SocketAddr>,
     /// File holding the one-time registration secret (or env BOUNDKEY_REGISTRATION_SECRET).
     #[arg(long, value_name = "FILE")]
     pub(crate) registration_secret_file: Option<PathBuf>,
@@ -194,6 +200,8 @@ pub(crate) fn run(cli: Cli) -> Result<(), AgentError> {
                 registration_secret_file: a.registration_secret_file.clone(),
                 ca_file: a.ca_file.clone(),
                 oneshot: a.oneshot,
+                health_socket: a.health_socket.clone(),
+                health_listen: a.health_listen,
                 ..Flags::default()
             };
             keystore_flags(&a.keystore, &mut f);

@@ -66,6 +66,11 @@ pub(crate) enum AgentError {
         signal: &'static str,
         source: std::io::Error,
     },
+    #[error("cannot start the health endpoint on {listen}: {source} (check --health-socket / --health-listen)")]
+    Health {
+        listen: String,
+        source: std::io::Error,
+    },
     #[error("cannot write to standard output: {0}")]
     Stdout(std::io::Error),
 }

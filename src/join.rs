@@ -432,6 +432,7 @@ mod tests {
             expires: 2,
             join_state: Some("js2".into()),
             bound_public_key: pk.map(keys::ssh_public_key),
+            recovery_remaining: None,
         })
     }
 

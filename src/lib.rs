@@ -19,9 +19,12 @@ mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod health;
 mod heartbeat;
 mod join;
 mod keyset;
+mod metrics;
+mod notify;
 mod outputs;
 #[cfg(test)]
 mod pair_test;

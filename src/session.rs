@@ -3,6 +3,8 @@
 //! [`transport`](crate::transport) connection, and commits the outcome (state first, then
 //! outputs, then key clean-up).
 
+use std::time::Instant;
+
 use boundkey_hal::{Digest, KeyName};
 use boundkey_proto::{CeremonyKind, ClientMessage, JoinMethod};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
@@ -15,6 +17,7 @@ use crate::error::AgentError;
 use crate::heartbeat::HeartbeatTarget;
 use crate::join::{Ceremony, Effects, HeldKey, Outcome, Plan, Step};
 use crate::keyset::KeyRef;
+use crate::metrics::{KeystoreLatency, Metrics};
 use crate::outputs::Outputs;
 use crate::resolve::{self, AttemptPlan, Resolved, Target};
 use crate::storage::{Identity, InFlight, JoinInfo, Secret, State, Storage};
@@ -30,6 +33,10 @@ pub(crate) struct Agent {
     settings: Settings,
     device: Device,
     outputs: Option<Outputs>,
+    /// Key-store latencies of every ceremony so far (for `/metrics`).
+    latency: KeystoreLatency,
+    /// Recoveries left, from the auth service's last Result (unknown until one arrives).
+    recovery_remaining: Option<u32>,
 }
 
 impl Agent {
@@ -42,6 +49,8 @@ impl Agent {
             settings,
             device,
             outputs,
+            latency: KeystoreLatency::default(),
+            recovery_remaining: None,
         })
     }
 
@@ -161,6 +170,7 @@ impl Agent {
             } = &mut self.device;
             let mut fx = AgentEffects {
                 store: keystore.as_mut(),
+                latency: &mut self.latency,
                 storage,
                 state,
                 kind,
@@ -231,6 +241,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         crash::point("after-result-received");
         let r = outcome.result;
+        self.recovery_remaining = r.recovery_remaining;
         let mut next = self.device.state.clone();
         let dropped = match &outcome.bound_key {
             Some(k) => next.keys.promote(&k.public_key).ok_or_else(|| {
@@ -291,6 +302,22 @@ impl Agent {
         Ok(())
     }
 
+    /// Copies what `/metrics` reports about the stored identity and the key store into `m`.
+    pub(crate) fn observe(&self, m: &mut Metrics) {
+        let id = self.device.state.identity.as_ref();
+        m.certificate_expiry = id.map(|i| i.expires);
+        m.generation = id.map(|i| i.generation);
+        m.keystore = Some(self.device.state.backend().as_str());
+        m.latency = self.latency.clone();
+        m.recovery_remaining = self.recovery_remaining.map(u64::from);
+    }
+
+    /// The stored identity's expiry if it is usable now: the agent is ready to serve it.
+    pub(crate) fn valid_until(&self) -> Option<i64> {
+        let id = self.device.state.identity.as_ref()?;
+        resolve::usable(id, unix_now()).then_some(id.expires)
+    }
+
     /// What a heartbeat needs, if the stored identity is usable.
     pub(crate) fn heartbeat_target(&self) -> Option<HeartbeatTarget> {
         let id = self.device.state.identity.as_ref()?;
@@ -335,6 +362,7 @@ fn identity_key_for_attempt(state: &State) -> p256::SecretKey {
 /// The agent's side effects for a ceremony: the key store and the storage directory.
 struct AgentEffects<'a> {
     store: &'a mut dyn boundkey_hal::KeyStore,
+    latency: &'a mut KeystoreLatency,
     storage: &'a Storage,
     state: &'a mut State,
     kind: CeremonyKind,
@@ -355,7 +383,10 @@ impl Effects for AgentEffects<'_> {
     type Error = AgentError;
 
     fn create_key(&mut self) -> Result<HeldKey, AgentError> {
-        let k = device::create_key(self.store, self.now)?;
+        let t = Instant::now();
+        let k = device::create_key(self.store, self.now);
+        self.latency.create_key.observe(t.elapsed());
+        let k = k?;
         crash::point("after-key-created");
         tracing::info!(key = %k.name, kid = %k.kid(), "created a new bound key for the auth service's rotation request");
         Ok(HeldKey {
@@ -393,7 +424,10 @@ impl Effects for AgentEffects<'_> {
     fn sign(&mut self, key: &str, digest: &[u8; 32]) -> Result<[u8; 64], AgentError> {
         let name = KeyName::new(key)?;
         crash::point("before-sign");
-        Ok(self.store.sign_digest(&name, &Digest(*digest))?.0)
+        let t = Instant::now();
+        let sig = self.store.sign_digest(&name, &Digest(*digest));
+        self.latency.sign.observe(t.elapsed());
+        Ok(sig?.0)
     }
 }
 

@@ -5,7 +5,7 @@
 //! *what* the instance and token become; this module is the one place that turns that decision
 //! into a certificate and a [`Success`], so the two methods cannot drift apart.
 
-use boundkey_proto::claims::JoinStateClaims;
+use boundkey_proto::claims::{JoinStateClaims, RecoveryMode};
 use boundkey_proto::{JoinMethod, JoinResult, ServerMessage, UnixTime};
 
 use crate::authority::{Authority, AuthorityError, IdentityClaims};
@@ -102,6 +102,12 @@ impl Issue<'_> {
             ),
             None => None,
         };
+        // What the device may still spend, as the join state it receives records it.
+        let recovery_remaining = binding
+            .as_ref()
+            .map(|b| &b.join_state)
+            .filter(|j| j.recovery_mode == RecoveryMode::Standard)
+            .map(|j| j.recovery_limit.saturating_sub(j.recovery_sequence));
         let bound_public_key = binding.map(|b| b.public_key);
 
         inst.status.expires = issued.expires + INSTANCE_EXPIRY_GRACE_SECS;
@@ -125,6 +131,7 @@ impl Issue<'_> {
             expires: issued.expires,
             join_state,
             bound_public_key,
+            recovery_remaining,
         });
         Ok(Box::new(Success {
             commit: Commit {

@@ -131,6 +131,11 @@ pub struct JoinResult {
     /// active key to the one this names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bound_public_key: Option<String>,
+    /// Recoveries the token still allows after this ceremony (`recovery_limit -
+    /// recovery_count`), bound keypair in the standard recovery mode only; absent when recoveries
+    /// are not limited. Informational: the agent reports it in its metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_remaining: Option<u32>,
 }
 
 /// Facts the agent reports about itself. Recorded for operators, never used for decisions.

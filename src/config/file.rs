@@ -36,6 +36,10 @@ pub(crate) struct FileConfig {
     pub certificate_ttl: Option<String>,
     pub renewal_interval: Option<String>,
     pub heartbeat_interval: Option<String>,
+    /// Unix socket of the health endpoint (off when neither health key is set).
+    pub health_socket: Option<PathBuf>,
+    /// TCP address (`127.0.0.1:9105`) of the health endpoint.
+    pub health_listen: Option<String>,
     pub tpm: Option<TpmFileConfig>,
 }
 

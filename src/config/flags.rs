@@ -22,4 +22,6 @@ pub(crate) struct Flags {
     pub registration_secret_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub oneshot: bool,
+    pub health_socket: Option<PathBuf>,
+    pub health_listen: Option<std::net::SocketAddr>,
 }

@@ -215,6 +215,25 @@ pub(crate) fn merge(
             });
         }
     }
+    let mut health = Vec::new();
+    if let Some(p) = flags
+        .health_socket
+        .clone()
+        .or_else(|| fc.health_socket.clone())
+    {
+        health.push(crate::health::Listen::Unix(p));
+    }
+    let listen = match (flags.health_listen, &fc.health_listen) {
+        (Some(a), _) => Some(a),
+        (None, Some(s)) => Some(s.parse().map_err(|_| ConfigError::Invalid {
+            what: "health_listen".into(),
+            detail: format!("{s:?} is not an IP address and port (e.g. 127.0.0.1:9105)"),
+        })?),
+        (None, None) => None,
+    };
+    if let Some(a) = listen {
+        health.push(crate::health::Listen::Tcp(a));
+    }
     Ok(Settings {
         storage,
         destination: flags.destination.clone().or_else(|| fc.destination.clone()),
@@ -232,6 +251,7 @@ pub(crate) fn merge(
         renewal_interval,
         heartbeat_interval,
         oneshot: flags.oneshot,
+        health,
     })
 }
 

@@ -89,6 +89,8 @@ pub(crate) struct Settings {
     pub renewal_interval: Duration,
     pub heartbeat_interval: Duration,
     pub oneshot: bool,
+    /// Where the health endpoint listens; empty = disabled (no socket, no task).
+    pub health: Vec<crate::health::Listen>,
 }
 
 impl Settings {
@@ -105,6 +107,7 @@ impl Settings {
             renewal_interval: DEFAULT_RENEWAL_INTERVAL,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             oneshot: false,
+            health: Vec::new(),
         }
     }
 }
