@@ -161,9 +161,13 @@ fn health_endpoint_serves_liveness_readiness_and_metrics() {
     assert_eq!(value(&m, "boundkeyd_identity_generation", &[]), Some(1.0));
     assert_eq!(value(&m, "boundkeyd_consecutive_failures", &[]), Some(0.0));
     assert_eq!(value(&m, "boundkeyd_locked", &[]), Some(0.0));
+    // What the service says is left: the limit minus what its token record counts (a first
+    // join spends one).
+    let used = auth.token(&tok.name)["recovery_count"].as_f64().unwrap();
+    assert_eq!(used, 1.0);
     assert_eq!(
         value(&m, "boundkeyd_recovery_remaining", &[]),
-        Some(3.0),
+        Some(3.0 - used),
         "{text}"
     );
     let last = value(&m, "boundkeyd_last_success_timestamp_seconds", &[]).unwrap();
