@@ -167,7 +167,7 @@ as_unit "$AUTHD_UNIT" "" \
     "$(exec_start "$AUTHD_UNIT" BOUNDKEY_AUTHD_ARGS "--cluster=deb-check --listen=127.0.0.1:0")" \
     >"$tmp/authd.out" 2>"$tmp/authd.err" &
 pids+=($!)
-for _ in $(seq 1 100); do grep -q '^listening:' "$tmp/authd.out" && break; sleep 0.1; done
+for _ in $(seq 1 100); do grep -qs '^listening:' "$tmp/authd.out" && break; sleep 0.1; done
 grep -q '^listening:' "$tmp/authd.out" || die "the installed boundkey-authd did not start"
 ctl() { boundkeyctl --data-dir /var/lib/boundkey-authd "$@"; }
 ctl bots add device >/dev/null
@@ -202,12 +202,8 @@ agent_status() {
         | python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
 }
 recoveries() {
-    ctl --format json tokens ls | python3 -c '
-import json, sys
-toks = json.load(sys.stdin)
-toks = toks if isinstance(toks, list) else toks.get("tokens", toks)
-[t] = [t for t in toks if t["name"] == sys.argv[1]]
-print(t["status"]["recovery_count"])' "$token"
+    ctl --format json tokens show "$token" \
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["recovery_count"])'
 }
 
 # /dev/tpmrm0 does not exist here, so the key store is named once (it is then remembered).
