@@ -77,8 +77,8 @@ trap cleanup EXIT
 echo "== build (release) and pack"
 # The agent alone: built with the workspace, features of the server's dependencies would be
 # unified into it.
-cargo build --release -p boundkey --bin boundkeyd
-cargo build --release -p boundkey-server --bins
+cargo build --release --locked -p boundkey --bin boundkeyd
+cargo build --release --locked -p boundkey-server --bins
 rm -rf "$target/debian"
 cargo deb -p boundkey --no-build >"$tmp/deb-agent.out"
 cargo deb -p boundkey-server --no-build >"$tmp/deb-server.out"
