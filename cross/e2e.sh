@@ -28,6 +28,7 @@ armv7-unknown-linux-gnueabihf)
 *) die "no emulated scenarios for '$target'" ;;
 esac
 
+# shellcheck source=scripts/deps.sh
 . scripts/deps.sh
 BOUNDKEY_DEBIAN_PACKAGES+=(qemu-user)
 boundkey_install_deps

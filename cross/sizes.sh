@@ -17,12 +17,14 @@ for t in "${targets[@]}"; do
     case $t in
     aarch64-*) strip=aarch64-linux-gnu-strip ;;
     armv7-*) strip=arm-linux-gnueabihf-strip ;;
-    *) strip=strip ;;
+    *) strip="strip" ;;
     esac
-    case $t in *-musl) keys=file ;; *) keys=tpm ;; esac
+    case $t in *-musl) keys="file" ;; *) keys="tpm" ;; esac
     bin=${CARGO_TARGET_DIR:-target}/$t/release/boundkeyd
     if [ -n "$build" ]; then
-        bin=$(cross/build.sh "$t" | tail -n 1)
+        log=$(mktemp)
+        bin=$(cross/build.sh "$t" 2>"$log" | tail -n 1) || { cat "$log" >&2; rm -f "$log"; exit 1; }
+        rm -f "$log"
     elif [ ! -f "$bin" ]; then
         printf '%-32s %-6s %10s %8s\n' "$t" "$keys" - "(not built)"
         continue
