@@ -8,6 +8,10 @@
 //! The signing path uses fixed-size types ([`Digest`], [`Signature`], [`PublicKeyBytes`],
 //! [`KeyName`]) so it does not allocate.
 
+// A fully static musl binary has no dynamic loader: libtss2's TCTI loader (dlopen) cannot work.
+#[cfg(all(feature = "tpm", target_env = "musl", target_feature = "crt-static"))]
+compile_error!("the TPM backend needs a dynamically linked build (libtss2 loads its TCTI with dlopen, which a static musl binary cannot do): build a gnu target, or drop the `tpm` feature for musl");
+
 mod backend;
 mod config;
 pub mod error;

@@ -9,6 +9,11 @@
 //!
 //! The key store is a parameter: `BOUNDKEY_TEST_KEYSTORE=tpm` runs every scenario against a
 //! private swtpm per agent instead of the file backend.
+//!
+//! So is the agent: `BOUNDKEY_TEST_AGENT=PATH` runs another `boundkeyd` (a cross-built one) in
+//! place of the one cargo built, through `BOUNDKEY_TEST_RUNNER` if set (a command split on
+//! whitespace, e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`); `cross/e2e.sh` sets both. The auth
+//! service and `boundkeyctl` are always the host's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
@@ -26,13 +31,39 @@ use tempfile::TempDir;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The agent under test: `BOUNDKEY_TEST_AGENT` if set, else the `boundkeyd` cargo built.
 pub(crate) fn boundkeyd() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_boundkeyd"))
+    match std::env::var_os("BOUNDKEY_TEST_AGENT") {
+        Some(p) if !p.is_empty() => {
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "BOUNDKEY_TEST_AGENT={}: no such file",
+                p.display()
+            );
+            p
+        }
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_boundkeyd")),
+    }
 }
 
-/// A binary built next to `boundkeyd` (the server package's binaries).
+/// A command running the agent under test, through `BOUNDKEY_TEST_RUNNER` when set.
+pub(crate) fn agent_command() -> Command {
+    let runner = std::env::var("BOUNDKEY_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(boundkeyd());
+            c
+        }
+        None => Command::new(boundkeyd()),
+    }
+}
+
+/// A binary built next to the host's `boundkeyd` (the server package's binaries).
 pub(crate) fn sibling(name: &str) -> PathBuf {
-    let p = boundkeyd()
+    let p = Path::new(env!("CARGO_BIN_EXE_boundkeyd"))
         .parent()
         .expect("boundkeyd has a parent directory")
         .join(name);
@@ -354,7 +385,7 @@ impl Device {
         destination: &Path,
         args: &[&str],
     ) -> Command {
-        let mut c = Command::new(boundkeyd());
+        let mut c = agent_command();
         c.arg("start")
             .arg("--storage")
             .arg(storage)
@@ -404,7 +435,7 @@ impl Device {
     }
 
     pub(crate) fn status_at(storage: &Path) -> Value {
-        let o = Command::new(boundkeyd())
+        let o = agent_command()
             .args(["status", "--format", "json", "--storage"])
             .arg(storage)
             .output()
@@ -419,7 +450,7 @@ impl Device {
 
     /// `keypair create --format json ARGS` → the public key.
     pub(crate) fn keypair_create(&self, args: &[&str]) -> String {
-        let o = Command::new(boundkeyd())
+        let o = agent_command()
             .args(["keypair", "create", "--format", "json", "--storage"])
             .arg(&self.storage)
             .args(self.keystore.args())
