@@ -36,8 +36,8 @@ use tss_esapi::{Context, TctiNameConf};
 pub use blob::{BlobError, KeyBlob, KeyRefusal};
 use error::{to_hal_error, Doing};
 use session::{
-    auth_value, key_template, null_ticket, run, run_sessionless, with_key, with_parent, At, Fail,
-    Stage,
+    auth_value, key_template, null_ticket, run, run_sessionless, with_loaded_key, with_parent, At,
+    Fail, Stage,
 };
 
 use crate::key_dir::KeyDir;
@@ -119,15 +119,11 @@ impl TpmKeyStore {
         let blob = self.read_blob(name)?;
         let owner_auth = self.cfg.owner_auth.clone();
         let r = run(&mut self.ctx, &self.tcti, |ctx| {
-            with_parent(
+            with_loaded_key(
                 ctx,
-                blob.parent(),
+                &blob,
                 owner_auth.as_ref().map(|a| a.as_slice()),
-                |ctx, parent| {
-                    with_key(ctx, parent, &blob, |ctx, key| {
-                        ctx.read_public(key).map(|(p, _, _)| p).at(Stage::Query)
-                    })
-                },
+                |ctx, key| ctx.read_public(key).map(|(p, _, _)| p).at(Stage::Query),
             )
         });
         r.map_err(|f| self.fail(f, "read the public area", Some((name, blob.parent()))))
@@ -225,19 +221,17 @@ impl KeyStore for TpmKeyStore {
             let tpm_digest =
                 tss_esapi::structures::Digest::try_from(&digest.0[..]).at(Stage::Sign)?;
             let ticket = null_ticket().at(Stage::Sign)?;
-            with_parent(
+            with_loaded_key(
                 ctx,
-                blob.parent(),
+                &blob,
                 owner_auth.as_ref().map(|a| a.as_slice()),
-                |ctx, parent| {
-                    with_key(ctx, parent, &blob, |ctx, key| {
-                        if let Some(a) = key_auth.as_ref().map(|a| a.as_slice()) {
-                            ctx.tr_set_auth(key.into(), auth_value(a)?)
-                                .at(Stage::Sign)?;
-                        }
-                        ctx.sign(key, tpm_digest, SignatureScheme::Null, ticket)
-                            .at(Stage::Sign)
-                    })
+                |ctx, key| {
+                    if let Some(a) = key_auth.as_ref().map(|a| a.as_slice()) {
+                        ctx.tr_set_auth(key.into(), auth_value(a)?)
+                            .at(Stage::Sign)?;
+                    }
+                    ctx.sign(key, tpm_digest, SignatureScheme::Null, ticket)
+                        .at(Stage::Sign)
                 },
             )
         });

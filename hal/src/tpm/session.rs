@@ -182,6 +182,19 @@ pub(super) fn with_parent<T>(
     }
 }
 
+/// Loads `blob` under its parent for the length of `f`, flushing both afterwards: the path every
+/// operation on an existing key takes.
+pub(super) fn with_loaded_key<T>(
+    ctx: &mut Context,
+    blob: &KeyBlob,
+    owner_auth: Option<&[u8]>,
+    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, Fail>,
+) -> Result<T, Fail> {
+    with_parent(ctx, blob.parent(), owner_auth, |ctx, parent| {
+        with_key(ctx, parent, blob, f)
+    })
+}
+
 /// Loads `blob` under `parent` for `f` and flushes it afterwards, whatever `f` returned.
 pub(super) fn with_key<T>(
     ctx: &mut Context,
