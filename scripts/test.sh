@@ -18,7 +18,7 @@ done
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features boundkey/pair-test -- -D warnings
 echo "== cargo build (binaries used by end-to-end tests)"
 cargo build --workspace --bins --locked
 echo "== systemd unit and Yocto layer (offline checks; the unit's command line as its user)"
@@ -26,7 +26,9 @@ bash scripts/yocto-check.sh --e2e
 echo "== builds without the TPM backend (the key store must then default to files)"
 cargo check -p boundkey --no-default-features --locked
 cargo test -p boundkey-hal --no-default-features --locked --lib -q 2>&1 | grep -E '^test result' || exit 1
+echo "== Rust 1.75 (Yocto scarthgap): the agent's crates build and pass their unit tests"
+bash scripts/msrv.sh
 echo "== fuzz smoke run (every target: its corpus plus a few thousand new inputs)"
 bash scripts/fuzz.sh smoke
 echo "== cargo test"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --features boundkey/pair-test "$@"

@@ -26,7 +26,7 @@ mod keyset;
 mod metrics;
 mod notify;
 mod outputs;
-#[cfg(test)]
+#[cfg(all(test, feature = "pair-test"))]
 mod pair_test;
 mod resolve;
 mod session;

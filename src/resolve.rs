@@ -228,7 +228,7 @@ pub(crate) fn ceremony_kind(method: JoinMethod, state: &State, now: i64) -> Cere
     let retryable = state
         .in_flight
         .as_ref()
-        .is_none_or(|f| f.identity_key.is_some());
+        .map_or(true, |f| f.identity_key.is_some());
     match method {
         JoinMethod::Token if usable(id, now) => CeremonyKind::Renewal,
         JoinMethod::Token => CeremonyKind::FirstJoin,

@@ -128,10 +128,11 @@ impl KeyBlob {
     pub fn parse(bytes: &[u8]) -> Result<Self, BlobError> {
         let rest = bytes.strip_prefix(&MAGIC[..]).ok_or(BlobError::BadMagic)?;
         let (&kind, rest) = rest.split_first().ok_or(BlobError::TruncatedHeader)?;
-        let (handle, rest) = rest
-            .split_first_chunk::<4>()
-            .ok_or(BlobError::TruncatedHeader)?;
-        let handle = u32::from_be_bytes(*handle);
+        if rest.len() < 4 {
+            return Err(BlobError::TruncatedHeader);
+        }
+        let (handle, rest) = rest.split_at(4);
+        let handle = u32::from_be_bytes([handle[0], handle[1], handle[2], handle[3]]);
         let parent = match kind {
             PARENT_TEMPLATE if handle == 0 => Parent::Template,
             PARENT_PERSISTENT if PersistentTpmHandle::new(handle).is_ok() => {
@@ -195,8 +196,8 @@ impl KeyBlob {
 
 /// Splits a TPM2B (u16 BE size + bytes) off the front; returns it with its size prefix.
 fn split_tpm2b(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (size, _) = b.split_first_chunk::<2>()?;
-    let end = 2 + usize::from(u16::from_be_bytes(*size));
+    let size = u16::from_be_bytes([*b.first()?, *b.get(1)?]);
+    let end = 2 + usize::from(size);
     (b.len() >= end).then(|| b.split_at(end))
 }
 
