@@ -30,5 +30,9 @@ echo "== Rust 1.75 (Yocto scarthgap): the agent's crates build and pass their un
 bash scripts/msrv.sh
 echo "== fuzz smoke run (every target: its corpus plus a few thousand new inputs)"
 bash scripts/fuzz.sh smoke
+echo "== device targets: cross builds, the aarch64 and armv7 agents under qemu against swtpm"
+bash cross/check.sh
+echo "== Debian packages: built, installed, run as their units' users, removed, purged"
+bash scripts/deb.sh
 echo "== cargo test"
 cargo test --workspace --locked --features boundkey/pair-test "$@"
