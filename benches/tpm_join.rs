@@ -42,6 +42,133 @@ use common::{boundkeyd, AuthServer};
 const JOINS: usize = 10;
 const RENEWALS: usize = 20;
 
+/// The cost floor of a renewal's network part: TCP connect, a TLS 1.3 handshake with the auth
+/// service (its chain verified against the cluster CA) and one frame each way. The frame is a
+/// message the service refuses, so the service answers at once without a ceremony or a store
+/// write.
+fn tls_round_trip(auth: &AuthServer) -> Duration {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(auth.data_dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let frame =
+        boundkey_proto::frame::encode_frame(&serde_json::json!({"v": 1, "type": "bench"})).unwrap();
+    let t = Instant::now();
+    let tcp = std::net::TcpStream::connect(&auth.addr).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let conn =
+        rustls::ClientConnection::new(cfg, ServerName::try_from("127.0.0.1").unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(&frame).unwrap();
+    let mut header = [0u8; 4];
+    tls.read_exact(&mut header).unwrap();
+    let len = boundkey_proto::frame::payload_len(header).unwrap();
+    let mut reply = vec![0u8; len];
+    tls.read_exact(&mut reply).unwrap();
+    t.elapsed()
+}
+
+/// What a running daemon holds after its first join with the TPM key store, and how long a
+/// renewal asked for with SIGUSR1 takes until the new generation is the `current` set.
+struct DaemonRun {
+    rss_kib: u64,
+    pss_kib: u64,
+    private_dirty_kib: u64,
+    renewals: Vec<Duration>,
+}
+
+fn current_set(out: &Path) -> Option<PathBuf> {
+    std::fs::read_link(out.join("current")).ok()
+}
+
+fn wait_for_change(out: &Path, from: Option<&Path>, what: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = current_set(out);
+        if now.is_some() && now.as_deref() != from {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no new identity set in 30 s"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn smaps_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{field} not in smaps_rollup"))
+}
+
+fn daemon_run(auth: &AuthServer, dir: &Path, keystore: &[String]) -> DaemonRun {
+    let token = auth.bot_with_token("bench-daemon", &[]);
+    let out = dir.join("daemon/out");
+    let mut child = Command::new(boundkeyd())
+        .args(["start", "--log-level", "warn", "--storage"])
+        .arg(dir.join("daemon/storage"))
+        .arg("--destination")
+        .arg(&out)
+        .args(keystore)
+        .args(["--join-uri", &token.join_uri])
+        .env_remove("BOUNDKEY_REGISTRATION_SECRET")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_for_change(&out, None, "daemon first join");
+    // Let the first heartbeat finish before looking at memory.
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss_kib, pss_kib, private_dirty_kib) = (
+        smaps_kib(pid, "Rss:"),
+        smaps_kib(pid, "Pss:"),
+        smaps_kib(pid, "Private_Dirty:"),
+    );
+    let target = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    let mut renewals = Vec::new();
+    for i in 0..=RENEWALS {
+        let before = current_set(&out);
+        let t = Instant::now();
+        rustix::process::kill_process(target, rustix::process::Signal::USR1).unwrap();
+        let done = wait_for_change(&out, before.as_deref(), "SIGUSR1 renewal");
+        // The heartbeat after a renewal runs once the set is written: let it end before the
+        // next signal, as an operator's next renewal would be minutes away.
+        std::thread::sleep(Duration::from_millis(100));
+        if i > 0 {
+            renewals.push(done - t);
+        }
+    }
+    rustix::process::kill_process(target, rustix::process::Signal::TERM).unwrap();
+    let _ = child.wait();
+    DaemonRun {
+        rss_kib,
+        pss_kib,
+        private_dirty_kib,
+        renewals,
+    }
+}
+
 #[track_caller]
 fn ok(o: &Output, what: &str) {
     assert!(
@@ -361,6 +488,9 @@ fn main() {
     let file_args = vec!["--keystore".to_string(), "file".to_string()];
     let (tpm_joins, tpm_renewals) = agent_runs(&auth, dir.path(), "tpm", &tpm_args);
     let (file_joins, file_renewals) = agent_runs(&auth, dir.path(), "file", &file_args);
+    let daemon = daemon_run(&auth, dir.path(), &tpm_args);
+    tls_round_trip(&auth); // warm-up
+    let tls: Vec<Duration> = (0..RENEWALS).map(|_| tls_round_trip(&auth)).collect();
     let tools = tool_runs(&tpm, dir.path());
     let (hal_joins, hal_renewals) = hal_runs(&tpm, dir.path());
 
@@ -368,6 +498,7 @@ fn main() {
     println!("{:<52} {:>3} {:>10} {:>10}", "", "N", "median", "p90");
     row("agent first join, --keystore tpm", &tpm_joins);
     row("agent renewal,    --keystore tpm", &tpm_renewals);
+    row("daemon renewal (SIGUSR1 -> new set), tpm", &daemon.renewals);
     row("agent first join, --keystore file", &file_joins);
     row("agent renewal,    --keystore file", &file_renewals);
     row("tpm2-tools, first-join ops (7 tools)", &tools.join);
@@ -390,6 +521,7 @@ fn main() {
     );
     row("HAL in-process (tss-esapi), create + sign", &hal_joins);
     row("HAL in-process (tss-esapi), sign", &hal_renewals);
+    row("TLS round trip (connect, handshake, 1 frame)", &tls);
 
     let ratio = |a: &[Duration], b: &[Duration]| median(a).as_secs_f64() / median(b).as_secs_f64();
     println!();
@@ -414,6 +546,17 @@ fn main() {
         "TPM backend cost over the file backend (agent medians): first join +{}, renewal +{}",
         ms(median(&tpm_joins).saturating_sub(median(&file_joins))),
         ms(median(&tpm_renewals).saturating_sub(median(&file_renewals)))
+    );
+    let floor = median(&hal_renewals) + median(&tls);
+    println!(
+        "renewal floor (HAL sign + TLS round trip): {}; oneshot / floor {:.2}; daemon / floor {:.2}",
+        ms(floor),
+        median(&tpm_renewals).as_secs_f64() / floor.as_secs_f64(),
+        median(&daemon.renewals).as_secs_f64() / floor.as_secs_f64(),
+    );
+    println!(
+        "daemon after a TPM join: RSS {} KiB, PSS {} KiB, private dirty {} KiB",
+        daemon.rss_kib, daemon.pss_kib, daemon.private_dirty_kib
     );
     println!();
     println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());

@@ -12,7 +12,7 @@
 //!   ca.pem   -> current/ca.pem
 //! ```
 //!
-//! A new set is written and fsynced in a fresh directory, then `current` is switched with a single
+//! A new set is written and fsynced in a fresh directory (each file once, then the directory), then `current` is switched with a single
 //! atomic rename of a symlink. A reader that resolves `current` once (e.g. opens
 //! `DEST/current/` as a directory, or `readlink`s it) and reads the three files from there never
 //! sees a mixed set. The previous set is kept (a reader may still be using it); older ones are
@@ -69,9 +69,11 @@ impl Outputs {
         fs::set_permissions(&gen_dir, fs::Permissions::from_mode(0o755))
             .map_err(fs_err(&gen_dir))?;
         let written = (|| {
-            boundkey_fs::write_atomic(&gen_dir.join(CERT), id.certificate.as_bytes(), 0o644)?;
-            boundkey_fs::write_atomic(&gen_dir.join(KEY), id.private_key.0.as_bytes(), 0o600)?;
-            boundkey_fs::write_atomic(&gen_dir.join(CA), id.ca_bundle.as_bytes(), 0o644)?;
+            // The directory is not reachable before `current` points at it, so its files need
+            // no temporary names: each is synced, then the directory once.
+            boundkey_fs::create_synced(&gen_dir.join(CERT), id.certificate.as_bytes(), 0o644)?;
+            boundkey_fs::create_synced(&gen_dir.join(KEY), id.private_key.0.as_bytes(), 0o600)?;
+            boundkey_fs::create_synced(&gen_dir.join(CA), id.ca_bundle.as_bytes(), 0o644)?;
             boundkey_fs::fsync_dir(&gen_dir)
         })();
         if let Err(e) = written {

@@ -20,9 +20,9 @@ fn s(v: &Value) -> String {
 /// Every step of a rotating renewal, in order: Init, the in-flight mark, the old key's proof, key
 /// creation (its file written in two steps), the pending key's state write, the
 /// RotationResponse, the in-flight mark again, the new key's proof, the Result, the state write,
-/// each output file (temp file synced, then renamed), the synced set, the `current` swap and the
-/// links. Every durable write is interrupted both before and after its rename (`<file>-temp`,
-/// `<file>-written`, from `src/crash.rs`).
+/// each output file (created and synced in the unpublished set directory), the synced set, the
+/// `current` swap and the links. Every durable replacement is interrupted both before and after
+/// its rename (`<file>-temp`, `<file>-written`, from `src/crash.rs`); an output file after its sync.
 const ROTATION_STEPS: &[&str] = &[
     "after-init-sent",
     "state-temp:1",
@@ -42,11 +42,8 @@ const ROTATION_STEPS: &[&str] = &[
     "state-temp:4",
     "state-written:4",
     "after-state-written",
-    "output-cert-temp",
     "output-cert-written",
-    "output-key-temp",
     "output-key-written",
-    "output-ca-temp",
     "output-ca-written",
     "outputs-set-synced",
     "current-swapped",

@@ -221,6 +221,31 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> 
     Ok(())
 }
 
+/// Creates `path` (which must not exist) holding `data` with exactly `mode`, and fsyncs the file
+/// but not its directory: for a set of files written into a fresh directory that nobody can see
+/// yet, where one fsync of the directory after the last file replaces a temporary file, a rename
+/// and a directory fsync per file. Reports [`WriteStage::Published`] once the data is synced.
+pub fn create_synced(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(fs_err(path))?;
+    // The umask applies at creation: set the mode again so the file has exactly `mode`.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(fs_err(path))?;
+    let written = f.write_all(data).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        drop(f);
+        let _ = fs::remove_file(path);
+        return Err(FsError::new(path, e));
+    }
+    write_reached(WriteStage::Published, path);
+    Ok(())
+}
+
 /// Why [`create_new`] did not create the file.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {

@@ -20,6 +20,7 @@ use crate::admin::{self, socket};
 use crate::listener::{self, ListenerConfig};
 use crate::store::{OpenStoreError, StorageUrl, StorageUrlError};
 use crate::tls::{self, ReloadableClientVerifier, TlsError};
+use crate::workers::Workers;
 
 /// How often the client verifier is rebuilt even without a rotation: a grace period ending
 /// must drop the old identity CA from the trust store.
@@ -56,6 +57,8 @@ pub enum StartError {
     OpenStore(#[from] OpenStoreError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot start the connection workers: {0}")]
+    Workers(#[source] io::Error),
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error(
@@ -266,8 +269,11 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
         max_pending_per_address: opts.max_pending_per_address.max(1),
         drain_timeout: opts.ceremony_timeout + Duration::from_secs(5),
     };
+    let workers = Arc::new(Workers::per_core().map_err(StartError::Workers)?);
+    tracing::debug!(workers = workers.len(), "connection workers started");
     let mut serve = tokio::spawn(listener::run(
         tcp,
+        workers,
         TlsAcceptor::from(tls_config),
         service,
         listen_cfg,

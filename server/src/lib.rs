@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod listener;
 pub mod store;
 pub mod tls;
+pub mod workers;
 
 /// Seconds since the Unix epoch.
 pub fn now() -> boundkey_auth::UnixTime {

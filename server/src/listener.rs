@@ -1,6 +1,6 @@
 //! The ceremony listener: one TLS connection carries one ceremony (or one heartbeat).
 //!
-//! Every connection runs in its own task. Until its first valid frame a connection is
+//! Every connection runs in its own task, on one of the per-core [`Workers`]. Until its first valid frame a connection is
 //! *pending*: it has cost the client nothing but a TCP handshake, so it gets a short deadline
 //! (`first_frame_timeout`, covering the TLS handshake too) and counts against a small
 //! per-address cap on pending connections. After that the ceremony deadline covers the whole
@@ -23,6 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+
+use crate::workers::Workers;
 
 /// Time allowed to deliver a final error (e.g. `timeout`) after the deadline passed.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,10 +50,11 @@ pub struct ListenerConfig {
     pub drain_timeout: Duration,
 }
 
-/// Accepts connections until `shutdown` turns true, then waits (bounded) for in-flight
-/// connections to finish.
+/// Accepts connections until `shutdown` turns true, running each on one of `workers`, then
+/// waits (bounded) for in-flight connections to finish.
 pub async fn run(
     listener: TcpListener,
+    workers: Arc<Workers>,
     acceptor: TlsAcceptor,
     service: Service,
     cfg: ListenerConfig,
@@ -106,8 +109,19 @@ pub async fn run(
             first_frame: cfg.first_frame_timeout,
             ceremony: cfg.ceremony_timeout,
         };
-        tokio::spawn(async move {
-            connection(tcp, peer, acceptor, service, deadlines, admission).await;
+        // Handed to a worker as a plain socket: it is registered with that worker's reactor.
+        let tcp = match tcp.into_std() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand the connection to a worker");
+                continue;
+            }
+        };
+        workers.spawn(async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => connection(tcp, peer, acceptor, service, deadlines, admission).await,
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot register the connection"),
+            }
             drop(permit);
         });
     }

@@ -90,6 +90,36 @@ mod tests {
         assert!(e.to_string().contains("expected device:PATH"), "{e}");
     }
 
+    /// tss-esapi parses TCTI strings with `regex`, which this workspace replaces with regex-lite
+    /// (patches/regex). Its patterns are fixed and `unwrap`ped, so a pattern regex-lite could not
+    /// compile would panic here; the canonical strings show every option was captured.
+    #[test]
+    fn tcti_strings_parse() {
+        let canonical = |s: &str| -> String {
+            let conf = parse_tcti(s).unwrap();
+            std::ffi::CString::try_from(conf)
+                .unwrap()
+                .into_string()
+                .unwrap()
+        };
+        assert_eq!(canonical("device:/dev/tpmrm0"), "device:/dev/tpmrm0");
+        assert_eq!(
+            canonical("swtpm:port=2400,host=127.0.0.1"),
+            "swtpm:host=127.0.0.1,port=2400"
+        );
+        assert_eq!(
+            canonical("mssim:host=tpm.example,port=2321"),
+            "mssim:host=tpm.example,port=2321"
+        );
+        assert_eq!(canonical("swtpm"), "swtpm:host=localhost,port=2321");
+        assert_eq!(
+            canonical("tabrmd:bus_name=com.example.Tabrmd,bus_type=session"),
+            "tabrmd:bus_name=com.example.Tabrmd,bus_type=session"
+        );
+        assert!(parse_tcti("swtpm:host=127.0.0.1,port=70000").is_err());
+        assert!(parse_tcti("tabrmd:bus_name=nodots").is_err());
+    }
+
     #[test]
     fn missing_device_node_is_device_absent() {
         let err = diagnose_device("device:/nonexistent/tpmrm9").unwrap();

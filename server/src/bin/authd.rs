@@ -84,15 +84,33 @@ fn parse_cluster(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `RUST_LOG` holds `level` or `target=level` directives separated by commas (default `info`).
+/// A `Targets` filter rather than `EnvFilter`: the latter's regex-based span matching would be
+/// unified into the agent's tracing-subscriber by a `--workspace` build and grow the agent.
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = match spec.trim() {
+        "" => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO),
+        s => s.parse().unwrap_or_else(|e| {
+            eprintln!("boundkey-authd: warning: RUST_LOG={s:?} ignored ({e}); logging at info");
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        }),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
+        .with(filter)
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging();
     let Cmd::Start(s) = cli.cmd;
     if s.cluster.bytes().any(|b| b.is_ascii_uppercase()) {
         eprintln!(
@@ -127,7 +145,9 @@ fn main() -> ExitCode {
             ..ServiceConfig::default()
         },
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // The main runtime accepts and serves the admin socket; connections run on per-core
+    // workers (server/src/workers.rs).
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
