@@ -22,6 +22,10 @@ pub struct TpmConfig {
     pub key_auth: Option<Zeroizing<Vec<u8>>>,
     /// Parent for new keys. Existing keys record their own parent in their file.
     pub parent: Parent,
+    /// The owner allows the store to make its [`Parent::Template`] primary persistent at the
+    /// standard SRK handle `0x81000001` (one of the TPM's few persistent slots, written with
+    /// the owner auth), so later operations open it instead of making it again.
+    pub persist_srk: bool,
 }
 
 impl Default for TpmConfig {
@@ -31,6 +35,7 @@ impl Default for TpmConfig {
             owner_auth: None,
             key_auth: None,
             parent: Parent::Template,
+            persist_srk: false,
         }
     }
 }
@@ -43,6 +48,7 @@ impl fmt::Debug for TpmConfig {
             .field("owner_auth", &redact(&self.owner_auth))
             .field("key_auth", &redact(&self.key_auth))
             .field("parent", &self.parent)
+            .field("persist_srk", &self.persist_srk)
             .finish()
     }
 }
@@ -51,9 +57,10 @@ impl fmt::Debug for TpmConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Parent {
     /// The TCG-standard ECC P-256 storage root key template (restricted decryption, AES-128-CFB,
-    /// noDA, zero-filled unique) under the owner hierarchy. It is recreated for every operation:
-    /// the same template under the same owner seed always yields the same key, so nothing needs
-    /// a persistent handle.
+    /// noDA, zero-filled unique) under the owner hierarchy. The same template under the same
+    /// owner seed always yields the same key, so nothing needs a persistent handle: it is made
+    /// for each operation (or ceremony), or taken from the standard SRK handle when a persistent
+    /// copy of the very same key is there.
     #[default]
     Template,
     /// An existing persistent storage key, e.g. an SRK at `0x81000001`.

@@ -73,4 +73,14 @@ pub trait KeyStore: Send {
     fn delete(&mut self, name: &KeyName) -> Result<(), HalError>;
     /// Names of all keys in the store, sorted.
     fn list(&self) -> Result<Vec<KeyName>, HalError>;
+    /// Gets ready for the operations of one ceremony: from now until [`KeyStore::release`] the
+    /// store may keep objects it loads (the parent, `key` loaded now if given) so that they are
+    /// not made again for each operation. Only an optimisation: a failure here is worth
+    /// reporting, but the operations themselves load what they need.
+    fn prepare(&mut self, key: Option<&KeyName>) -> Result<(), HalError> {
+        let _ = key;
+        Ok(())
+    }
+    /// Ends what [`KeyStore::prepare`] began: nothing stays loaded.
+    fn release(&mut self) {}
 }

@@ -11,7 +11,7 @@ use boundkey_hal::{
     open_store, AuthTarget, Backend, Digest, HalError, KeyName, KeyStore, Parent, TpmConfig,
     TpmFault, TpmKeyStore,
 };
-use boundkey_testkit::Swtpm;
+use boundkey_testkit::{Swtpm, TpmCommandCounter};
 use common::{assert_verifies, mode};
 use zeroize::Zeroizing;
 
@@ -447,4 +447,187 @@ fn delete_and_list() {
     assert_eq!(s.list().unwrap(), vec![name("b")]);
     let err = s.sign_digest(&name("a"), &Digest::of(b"x")).unwrap_err();
     assert!(matches!(err, HalError::KeyNotFound(_)), "{err}");
+}
+
+/// Through the relay every TPM command the store sends is recorded, whatever the store thinks it
+/// does: the counts here are the ones `docs/performance.md` reports per ceremony.
+fn counted(tpm: &Swtpm, dir: &Path, persist_srk: bool) -> (TpmKeyStore, TpmCommandCounter) {
+    let relay = TpmCommandCounter::start(tpm.port());
+    let s = TpmKeyStore::open(
+        dir,
+        TpmConfig {
+            tcti: relay.tcti(),
+            persist_srk,
+            ..TpmConfig::default()
+        },
+    )
+    .unwrap();
+    (s, relay)
+}
+
+#[test]
+fn a_ceremony_hold_makes_the_primary_once_and_releases_everything() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, relay) = counted(&tpm, dir.path(), false);
+    s.transient_objects().unwrap(); // connects (the TCTI's own probes are not ours to count)
+    relay.take();
+
+    // A first join: the parent is made once for the key's creation and its proof.
+    s.prepare(None).unwrap();
+    let pk = s.create(&name("k")).unwrap();
+    let d = Digest::of(b"challenge");
+    let sig = s.sign_digest(&name("k"), &d).unwrap();
+    assert_verifies(&pk, &d, &sig);
+    s.release();
+    let cmds = relay.take();
+    assert_eq!(
+        TpmCommandCounter::describe(&cmds),
+        // ReadPublic: the first key creation looks whether 0x81000001 holds the same primary.
+        "CreatePrimary, Create, ReadPublic, Load, Sign, FlushContext x2"
+    );
+    assert_eq!(s.transient_objects().unwrap(), 0);
+    relay.take();
+
+    // A renewal: everything but the signature is done before the challenge arrives.
+    s.prepare(Some(&name("k"))).unwrap();
+    assert_eq!(
+        TpmCommandCounter::describe(&relay.take()),
+        "CreatePrimary, Load"
+    );
+    assert_eq!(s.transient_objects().unwrap(), 2, "parent and key held");
+    relay.take();
+    let sig = s.sign_digest(&name("k"), &d).unwrap();
+    assert_verifies(&pk, &d, &sig);
+    assert_eq!(TpmCommandCounter::describe(&relay.take()), "Sign");
+    s.release();
+    assert_eq!(
+        TpmCommandCounter::describe(&relay.take()),
+        "FlushContext x2"
+    );
+    assert_eq!(s.transient_objects().unwrap(), 0);
+
+    // Without a hold nothing outlives an operation.
+    relay.take();
+    sign_and_verify(&mut s, &name("k"), b"m");
+    assert_eq!(
+        TpmCommandCounter::describe(&relay.take()),
+        "CreatePrimary, Load, Sign, FlushContext x2"
+    );
+    assert_eq!(s.transient_objects().unwrap(), 0);
+
+    // A hold survives a failed operation on another key and still releases everything.
+    s.prepare(Some(&name("k"))).unwrap();
+    assert!(s.sign_digest(&name("absent"), &d).is_err());
+    sign_and_verify(&mut s, &name("k"), b"still held");
+    s.release();
+    assert_eq!(s.transient_objects().unwrap(), 0);
+}
+
+#[test]
+fn the_standard_srk_replaces_the_primary_when_it_is_the_same_key() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A key made before the SRK existed: its blob says "template parent".
+    let before = store(&tpm, dir.path()).create(&name("old")).unwrap();
+    assert!(!dir.path().join("srk.name").exists());
+
+    // The owner allows persisting: the first key creation puts the primary at 0x81000001.
+    let (mut s, relay) = counted(&tpm, dir.path(), true);
+    s.create(&name("new")).unwrap();
+    assert!(relay.commands().contains(&0x120), "EvictControl expected");
+    assert!(s.uses_persistent_srk());
+    assert!(dir.path().join("srk.name").exists());
+    let out = tpm.run_tpm2_tool("tpm2_getcap", &["handles-persistent"]);
+    assert!(out.contains("0x81000001"), "{out}");
+    drop((s, relay));
+
+    // A later process opens it instead of making the primary, for old and new keys alike.
+    let (mut s, relay) = counted(&tpm, dir.path(), false);
+    s.transient_objects().unwrap();
+    relay.take();
+    s.prepare(Some(&name("old"))).unwrap();
+    let d = Digest::of(b"x");
+    let sig = s.sign_digest(&name("old"), &d).unwrap();
+    s.release();
+    assert_verifies(&before, &d, &sig);
+    assert_eq!(
+        TpmCommandCounter::describe(&relay.take()),
+        "ReadPublic, Load, Sign, FlushContext"
+    );
+    sign_and_verify(&mut s, &name("new"), b"y");
+    assert_eq!(s.transient_objects().unwrap(), 0);
+    let blob = KeyBlob::read(&dir.path().join("new.tpmkey")).unwrap();
+    assert_eq!(blob.parent(), Parent::Template, "the blob stays portable");
+
+    // Evicted (or the TPM cleared): back to making the primary, nothing lost.
+    s.disconnect();
+    tpm.run_tpm2_tool("tpm2_evictcontrol", &["-C", "o", "-c", "0x81000001"]);
+    sign_and_verify(&mut s, &name("old"), b"after eviction");
+    assert!(!s.uses_persistent_srk());
+}
+
+#[test]
+fn another_object_at_the_srk_handle_is_never_used() {
+    let tpm = Swtpm::start();
+    let tools = tempfile::tempdir().unwrap();
+    let ctx_file = tools.path().join("other.ctx");
+    let ctx_file = ctx_file.to_str().unwrap();
+    // Someone else's key at the standard handle: an RSA primary, not our template.
+    tpm.run_tpm2_tool(
+        "tpm2_createprimary",
+        &["-C", "o", "-G", "rsa", "-c", ctx_file],
+    );
+    tpm.run_tpm2_tool(
+        "tpm2_evictcontrol",
+        &["-C", "o", "-c", ctx_file, "0x81000001"],
+    );
+    tpm.run_tpm2_tool("tpm2_flushcontext", &["-t"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, relay) = counted(&tpm, dir.path(), true);
+    s.create(&name("k")).unwrap();
+    assert!(!relay.commands().contains(&0x120), "must not evict over it");
+    assert!(!s.uses_persistent_srk());
+    assert!(!dir.path().join("srk.name").exists());
+    sign_and_verify(&mut s, &name("k"), b"m");
+
+    // A recorded name that no longer matches what sits there is not trusted either.
+    std::fs::write(
+        dir.path().join("srk.name"),
+        "000b".to_string() + &"00".repeat(32),
+    )
+    .unwrap();
+    drop((s, relay));
+    let mut s = store(&tpm, dir.path());
+    assert!(s.uses_persistent_srk(), "the stale record is read");
+    sign_and_verify(&mut s, &name("k"), b"n");
+    assert!(
+        !s.uses_persistent_srk(),
+        "and dropped when the object differs"
+    );
+    assert_eq!(s.transient_objects().unwrap(), 0);
+}
+
+#[test]
+fn objects_a_dead_process_left_loaded_are_flushed_when_the_tpm_is_full() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(&tpm, dir.path());
+    s.create(&name("k")).unwrap();
+    s.disconnect();
+    // tpm2-tools without a resource manager leave their objects loaded, as a process killed
+    // during a ceremony's hold does: fill every object slot.
+    let tools = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let ctx = tools.path().join(format!("p{i}.ctx"));
+        tpm.run_tpm2_tool(
+            "tpm2_createprimary",
+            &["-C", "o", "-G", "ecc", "-c", ctx.to_str().unwrap()],
+        );
+    }
+    let full = s.transient_objects().unwrap();
+    assert!(full >= 3, "{full} objects loaded");
+    sign_and_verify(&mut s, &name("k"), b"after the flush");
+    assert_eq!(s.transient_objects().unwrap(), 0);
 }

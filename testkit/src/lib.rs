@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod counter;
+pub use counter::TpmCommandCounter;
+
 /// Kills (SIGKILL) and reaps a child process when dropped.
 #[derive(Debug)]
 pub struct ChildGuard(Option<Child>);

@@ -12,10 +12,15 @@
 //! [`TpmConfig::parent`] affects only new keys. The public area must describe an unrestricted
 //! ECDSA-SHA256 P-256 signing key with the non-exportable attributes, or the file is refused.
 //!
-//! Each operation runs in one null-auth HMAC session and loads the parent and the key as
-//! transient objects, flushing all of them before it returns (see `session`). Failures are
-//! translated into [`HalError`]s that name the culprit in `error`; TCTI strings are checked in
-//! `tcti`.
+//! Each operation runs in one session and loads the parent and the key as transient objects,
+//! flushing them before it returns, unless a ceremony holds them from
+//! [`KeyStore::prepare`] to [`KeyStore::release`] (see `session`). The parent of
+//! [`Parent::Template`] keys is a persistent copy of the template primary at the standard SRK
+//! handle `0x81000001` when one is there (recognised by its TPM name, recorded in `DIR/srk.name`
+//! the first time the store made the primary and found it there), else the primary is made for
+//! each operation or hold. With [`TpmConfig::persist_srk`] the store persists it there itself.
+//! Failures are translated into [`HalError`]s that name the culprit in `error`; TCTI strings are
+//! checked in `tcti`.
 
 mod blob;
 mod error;
@@ -31,13 +36,13 @@ use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
 use tss_esapi::constants::CapabilityType;
 use tss_esapi::handles::PersistentTpmHandle;
 use tss_esapi::structures::{CapabilityData, Public, SignatureScheme};
-use tss_esapi::{Context, TctiNameConf};
+use tss_esapi::TctiNameConf;
 
 pub use blob::{BlobError, KeyBlob, KeyRefusal};
 use error::{to_hal_error, Doing};
 use session::{
-    auth_value, key_template, null_ticket, run, run_sessionless, with_loaded_key, with_parent, At,
-    Fail, Stage,
+    auth_value, held_transient_primary, key_template, learn_srk, null_ticket, run, run_sessionless,
+    with_loaded_key, with_parent, At, Conn, Fail, ParentPolicy, SessionKind, Stage,
 };
 
 use crate::key_dir::KeyDir;
@@ -47,17 +52,21 @@ use crate::{
 };
 
 const EXT: &str = "tpmkey";
+/// The recorded TPM name of the persistent SRK (hex), beside the key files.
+const SRK_NAME_FILE: &str = "srk.name";
 
 /// A [`KeyStore`] whose keys live in a TPM 2.0; see the module documentation.
 ///
 /// Invariant: the configuration was checked at [`TpmKeyStore::open`] (TCTI parses, parent handle
-/// is persistent, auth values fit), and between operations no object of this store stays loaded
-/// in the TPM.
+/// is persistent, auth values fit), and outside a hold ([`KeyStore::prepare`] to
+/// [`KeyStore::release`]) no object of this store stays loaded in the TPM between operations.
 pub struct TpmKeyStore {
     keys: KeyDir,
     cfg: TpmConfig,
     tcti: TctiNameConf,
-    ctx: Option<Context>,
+    conn: Option<Conn>,
+    policy: ParentPolicy,
+    session: SessionKind,
 }
 
 impl std::fmt::Debug for TpmKeyStore {
@@ -65,7 +74,7 @@ impl std::fmt::Debug for TpmKeyStore {
         f.debug_struct("TpmKeyStore")
             .field("dir", &self.keys.dir())
             .field("cfg", &self.cfg)
-            .field("connected", &self.ctx.is_some())
+            .field("connected", &self.conn.is_some())
             .finish()
     }
 }
@@ -89,11 +98,25 @@ impl TpmKeyStore {
                 return Err(ConfigError::AuthTooLong { what, max }.into());
             }
         }
+        let keys = KeyDir::open(dir, EXT)?;
+        let srk_name = read_srk_name(&keys.dir().join(SRK_NAME_FILE));
+        let session = if cfg.owner_auth.is_some() || cfg.key_auth.is_some() {
+            SessionKind::Hmac
+        } else {
+            SessionKind::Password
+        };
         Ok(TpmKeyStore {
-            keys: KeyDir::open(dir, EXT)?,
+            keys,
+            policy: ParentPolicy {
+                owner_auth: cfg.owner_auth.clone(),
+                srk_name,
+                persist_srk: cfg.persist_srk,
+                srk_probed: false,
+            },
+            session,
             cfg,
             tcti,
-            ctx: None,
+            conn: None,
         })
     }
 
@@ -110,21 +133,27 @@ impl TpmKeyStore {
     /// Closes the TPM connection; the next operation reconnects. A socket TPM (swtpm) serves
     /// one connection at a time, so a long-lived idle store should let go of it.
     pub fn disconnect(&mut self) {
-        self.ctx = None;
+        self.conn = None;
+    }
+
+    /// True when the store uses a persistent copy of its storage primary at `0x81000001`
+    /// instead of making the primary (see the module documentation).
+    pub fn uses_persistent_srk(&self) -> bool {
+        self.policy.srk_name.is_some()
     }
 
     /// Loads key `name` and returns its public area as the TPM reports it (not as the file says),
     /// e.g. to check its attributes. Proves the key loads in this TPM.
     pub fn tpm_public(&mut self, name: &KeyName) -> Result<Public, HalError> {
         let blob = self.read_blob(name)?;
-        let owner_auth = self.cfg.owner_auth.clone();
-        let r = run(&mut self.ctx, &self.tcti, |ctx| {
-            with_loaded_key(
-                ctx,
-                &blob,
-                owner_auth.as_ref().map(|a| a.as_slice()),
-                |ctx, key| ctx.read_public(key).map(|(p, _, _)| p).at(Stage::Query),
-            )
+        let policy = &mut self.policy;
+        let r = run(&mut self.conn, &self.tcti, self.session, |conn| {
+            with_loaded_key(conn, name, &blob, policy, |ctx, key| {
+                // ReadPublic takes no authorization: a password session is refused.
+                ctx.execute_without_session(|ctx| ctx.read_public(key))
+                    .map(|(p, _, _)| p)
+                    .at(Stage::Query)
+            })
         });
         r.map_err(|f| self.fail(f, "read the public area", Some((name, blob.parent()))))
     }
@@ -133,8 +162,9 @@ impl TpmKeyStore {
     /// this connection's objects; on a bare TPM or swtpm it counts everyone's. Every operation
     /// of this store leaves it unchanged.
     pub fn transient_objects(&mut self) -> Result<usize, HalError> {
-        let r = run_sessionless(&mut self.ctx, &self.tcti, |ctx| {
-            let (data, _) = ctx
+        let r = run_sessionless(&mut self.conn, &self.tcti, |conn| {
+            let (data, _) = conn
+                .ctx
                 .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
                 .at(Stage::Query)?;
             Ok(match data {
@@ -152,6 +182,16 @@ impl TpmKeyStore {
             path: self.key_path(name),
             fault: e.into(),
         })
+    }
+
+    /// Remembers the SRK name learnt while creating a key (best effort: without the file the
+    /// store only makes the primary again, which is always correct).
+    fn record_srk_name(&self) {
+        let Some(name) = &self.policy.srk_name else {
+            return;
+        };
+        let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = boundkey_fs::write_atomic(&self.dir().join(SRK_NAME_FILE), hex.as_bytes(), 0o600);
     }
 
     /// The error for a failed operation `op`, on key `key` under its parent if there is one.
@@ -178,24 +218,30 @@ impl KeyStore for TpmKeyStore {
             return Err(HalError::KeyExists(name.to_string()));
         }
         let parent = self.cfg.parent;
-        let owner_auth = self.cfg.owner_auth.clone();
         let key_auth = self.cfg.key_auth.clone();
-        let r = run(&mut self.ctx, &self.tcti, |ctx| {
+        let learn =
+            parent == Parent::Template && self.policy.srk_name.is_none() && !self.policy.srk_probed;
+        let policy = &mut self.policy;
+        let r = run(&mut self.conn, &self.tcti, self.session, |conn| {
             let template = key_template().at(Stage::Create)?;
             let auth = key_auth
                 .as_ref()
                 .map(|a| a.as_slice())
                 .map(auth_value)
                 .transpose()?;
-            with_parent(
-                ctx,
-                parent,
-                owner_auth.as_ref().map(|a| a.as_slice()),
-                |ctx, parent_handle| {
-                    ctx.create(parent_handle, template, auth, None, None, None)
-                        .at(Stage::Create)
-                },
-            )
+            let created = with_parent(conn, parent, policy, |ctx, parent_handle| {
+                ctx.create(parent_handle, template, auth, None, None, None)
+                    .at(Stage::Create)
+            })?;
+            // Key creation is rare (a join, a rotation): the moment to find out whether the
+            // storage primary could come from the standard SRK handle from now on.
+            if learn {
+                policy.srk_probed = true;
+                if let Some(primary) = held_transient_primary(conn) {
+                    policy.srk_name = learn_srk(&mut conn.ctx, primary, policy.persist_srk);
+                }
+            }
+            Ok(created)
         });
         let created = r.map_err(|f| self.fail(f, "create a key", Some((name, parent))))?;
         let unusable = |e| HalError::Tpm {
@@ -206,6 +252,9 @@ impl KeyStore for TpmKeyStore {
             KeyBlob::new(parent, created.out_public, created.out_private).map_err(unusable)?;
         let bytes = blob.to_bytes().map_err(unusable)?;
         self.keys.create(name, &bytes)?;
+        if learn {
+            self.record_srk_name();
+        }
         Ok(blob.public_key())
     }
 
@@ -215,25 +264,20 @@ impl KeyStore for TpmKeyStore {
 
     fn sign_digest(&mut self, name: &KeyName, digest: &Digest) -> Result<Signature, HalError> {
         let blob = self.read_blob(name)?;
-        let owner_auth = self.cfg.owner_auth.clone();
         let key_auth = self.cfg.key_auth.clone();
-        let r = run(&mut self.ctx, &self.tcti, |ctx| {
+        let policy = &mut self.policy;
+        let r = run(&mut self.conn, &self.tcti, self.session, |conn| {
             let tpm_digest =
                 tss_esapi::structures::Digest::try_from(&digest.0[..]).at(Stage::Sign)?;
             let ticket = null_ticket().at(Stage::Sign)?;
-            with_loaded_key(
-                ctx,
-                &blob,
-                owner_auth.as_ref().map(|a| a.as_slice()),
-                |ctx, key| {
-                    if let Some(a) = key_auth.as_ref().map(|a| a.as_slice()) {
-                        ctx.tr_set_auth(key.into(), auth_value(a)?)
-                            .at(Stage::Sign)?;
-                    }
-                    ctx.sign(key, tpm_digest, SignatureScheme::Null, ticket)
-                        .at(Stage::Sign)
-                },
-            )
+            with_loaded_key(conn, name, &blob, policy, |ctx, key| {
+                if let Some(a) = key_auth.as_ref().map(|a| a.as_slice()) {
+                    ctx.tr_set_auth(key.into(), auth_value(a)?)
+                        .at(Stage::Sign)?;
+                }
+                ctx.sign(key, tpm_digest, SignatureScheme::Null, ticket)
+                    .at(Stage::Sign)
+            })
         });
         let sig = r.map_err(|f| self.fail(f, "sign", Some((name, blob.parent()))))?;
         jws_signature(&sig).ok_or(HalError::Tpm {
@@ -243,13 +287,51 @@ impl KeyStore for TpmKeyStore {
     }
 
     fn delete(&mut self, name: &KeyName) -> Result<(), HalError> {
-        // The TPM holds nothing for a key between operations: the file is the whole key.
+        // The TPM holds nothing for a key outside a hold: the file is the whole key.
         self.keys.remove(name)
+    }
+
+    fn prepare(&mut self, key: Option<&KeyName>) -> Result<(), HalError> {
+        let blob = key.map(|k| self.read_blob(k)).transpose()?;
+        let parent = blob.as_ref().map_or(self.cfg.parent, |b| b.parent());
+        let policy = &mut self.policy;
+        let r = run(&mut self.conn, &self.tcti, self.session, |conn| {
+            conn.hold();
+            match (key, &blob) {
+                (Some(name), Some(blob)) => {
+                    with_loaded_key(conn, name, blob, policy, |_, _| Ok(()))
+                }
+                _ => with_parent(conn, parent, policy, |_, _| Ok(())),
+            }
+        });
+        r.map_err(|f| self.fail(f, "prepare the TPM", key.map(|k| (k, parent))))
+    }
+
+    fn release(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            if conn.release_all().is_err() {
+                // Whatever could not be flushed goes with the connection.
+                self.conn = None;
+            }
+        }
     }
 
     fn list(&self) -> Result<Vec<KeyName>, HalError> {
         self.keys.list()
     }
+}
+
+/// The recorded SRK name, if the file is there and well formed.
+fn read_srk_name(path: &Path) -> Option<Vec<u8>> {
+    let bytes = boundkey_fs::read_limited(path, 256).ok()??;
+    let text = std::str::from_utf8(&bytes).ok()?.trim();
+    if text.len() % 2 != 0 || text.is_empty() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The TPM's ECDSA signature in the form the [`KeyStore`] contract promises: r‖s, low-S.

@@ -1,28 +1,44 @@
-//! Running TPM commands: the connection, one null-auth session per operation, and the parent and
-//! key objects loaded for it and flushed afterwards, error paths included.
+//! Running TPM commands: the connection, the session each operation runs in, and the parent and
+//! key objects loaded for it.
 //!
 //! A TPM reached without a resource manager (swtpm socket, `/dev/tpm0`) has only about three
-//! object slots, so nothing may stay loaded between operations. One [`Context`] is kept per store
-//! and created on first use; any failure that is not a plain TPM response (transport, library
-//! state) drops it, so the next call reconnects. That is what lets a caller retry after the TPM
-//! vanished and came back.
+//! object slots, so outside a *hold* nothing stays loaded between operations. A hold (from
+//! `TpmKeyStore::prepare` to `release`) covers one ceremony: the parent and the one key in use
+//! stay loaded across its operations, so a first join makes the storage primary once instead of
+//! twice and a renewal's key is loaded before the challenge arrives. One [`Conn`] is kept per
+//! store and made on first use; any failure that is not a plain TPM response (transport, library
+//! state) drops it with everything it held, so the next call reconnects. That is what lets a
+//! caller retry after the TPM vanished and came back.
+//!
+//! Sessions: with no auth value configured nothing secret crosses the bus, so commands run in a
+//! password session with the empty password, which costs no TPM command; with an owner or key
+//! auth value they run in an HMAC session, so the value itself is never sent.
 
 use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::SessionHandle;
 use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
-use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Auth, EccParameter, EccPoint, EccScheme, HashScheme, HashcheckTicket, Public, PublicBuilder,
-    PublicEccParametersBuilder, SymmetricDefinitionObject,
+    PublicEccParametersBuilder, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
 
 use super::blob::KeyBlob;
 use super::error::{classify, Class};
-use crate::Parent;
+use crate::{KeyName, Parent, PublicKeyBytes};
+
+/// Where the TCG provisioning guidance puts the storage root key, and where other software
+/// (systemd, tpm2-tss-engine) persists the same ECC P-256 SRK the template gives.
+pub(super) const STANDARD_SRK: u32 = 0x8100_0001;
 
 /// The stage an error came from decides what it means (an auth failure while signing is the
 /// key's auth; while making the primary it is the owner's).
@@ -87,40 +103,162 @@ impl<T> At<T> for Result<T, tss_esapi::Error> {
     }
 }
 
-/// Runs `f` in a fresh null-auth session on the store's connection, connecting first if needed,
-/// and drops the connection after any failure that is not an ordinary TPM response.
+/// A connection to the TPM and what the store keeps loaded on it.
+///
+/// Invariant: every handle in `held` was loaded on `ctx` and is still loaded; when `holding` is
+/// false, `held` is empty between operations.
+pub(super) struct Conn {
+    pub(super) ctx: Context,
+    held: Held,
+    holding: bool,
+}
+
+#[derive(Default)]
+struct Held {
+    parent: Option<LoadedParent>,
+    key: Option<LoadedKey>,
+}
+
+/// A parent in use: a transient primary is flushed when let go, a persistent key only closed.
+#[derive(Clone, Copy)]
+struct LoadedParent {
+    which: Parent,
+    handle: KeyHandle,
+    transient: bool,
+}
+
+/// A loaded bound key, identified by name and public key so a key deleted and made again under
+/// the same name is never mistaken for the loaded one.
+struct LoadedKey {
+    name: KeyName,
+    public: PublicKeyBytes,
+    handle: KeyHandle,
+}
+
+/// How the store makes its parent: the owner's auth, and what it knows of a persistent SRK at
+/// [`STANDARD_SRK`].
+#[derive(Clone, Default)]
+pub(super) struct ParentPolicy {
+    pub(super) owner_auth: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// The TPM name of the template primary when a persistent copy of it sits at
+    /// [`STANDARD_SRK`] (checked by name, so another object there is never used).
+    pub(super) srk_name: Option<Vec<u8>>,
+    /// The owner allows this store to persist the template primary at [`STANDARD_SRK`].
+    pub(super) persist_srk: bool,
+    /// Set once this process looked at [`STANDARD_SRK`] after making the primary.
+    pub(super) srk_probed: bool,
+}
+
+/// Whether commands need an HMAC session (an auth value must not cross the bus).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum SessionKind {
+    Password,
+    Hmac,
+}
+
+/// Runs `f` in a session of `kind` on the store's connection, connecting first if needed, and
+/// drops the connection (with everything it held) after any failure that is not an ordinary
+/// TPM response. Outside a hold, everything `f` loaded is released before returning.
+///
+/// When the TPM is out of object slots, `f` runs once more after every transient object was
+/// flushed: a store that releases what it loads never fills the TPM, so the objects belong to a
+/// process that died while holding them (on a TPM without a resource manager they stay loaded
+/// until the TPM resets; through one, only this connection's objects are even visible).
 pub(super) fn run<T>(
-    slot: &mut Option<Context>,
+    slot: &mut Option<Conn>,
     tcti: &TctiNameConf,
-    f: impl FnOnce(&mut Context) -> Result<T, Fail>,
+    kind: SessionKind,
+    mut f: impl FnMut(&mut Conn) -> Result<T, Fail>,
 ) -> Result<T, Fail> {
-    run_in(slot, tcti, true, f)
+    match run_in(slot, tcti, Some(kind), &mut f) {
+        Err(fail) if is_object_memory(&fail) => {
+            // Ours go with the connection; then whatever a dead process left.
+            *slot = None;
+            let flushed = run_in(slot, tcti, None, |conn| flush_leftovers(&mut conn.ctx));
+            match flushed {
+                Ok(n) => {
+                    tracing::warn!(objects = n, "the TPM was out of object slots; flushed the transient objects a stopped process left loaded");
+                    run_in(slot, tcti, Some(kind), &mut f)
+                }
+                Err(_) => Err(fail),
+            }
+        }
+        r => r,
+    }
+}
+
+fn is_object_memory(f: &Fail) -> bool {
+    matches!(
+        classify(&f.err),
+        Class::Tpm(tss_esapi::constants::response_code::Tss2ResponseCodeKind::ObjectMemory)
+    )
+}
+
+/// Flushes every transient object the TPM lists; returns how many.
+fn flush_leftovers(ctx: &mut Context) -> Result<usize, Fail> {
+    use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::structures::CapabilityData;
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
+        .at(Stage::Cleanup)?;
+    let CapabilityData::Handles(list) = data else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for h in list.into_inner() {
+        let obj = ctx.tr_from_tpm_public(h).at(Stage::Cleanup)?;
+        ctx.flush_context(obj).at(Stage::Cleanup)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// [`run`] without a session, for commands that take no authorization (a parameter-encrypting
 /// session is refused by commands without a sized first parameter).
 pub(super) fn run_sessionless<T>(
-    slot: &mut Option<Context>,
+    slot: &mut Option<Conn>,
     tcti: &TctiNameConf,
-    f: impl FnOnce(&mut Context) -> Result<T, Fail>,
+    f: impl FnMut(&mut Conn) -> Result<T, Fail>,
 ) -> Result<T, Fail> {
-    run_in(slot, tcti, false, f)
+    run_in(slot, tcti, None, f)
 }
 
 fn run_in<T>(
-    slot: &mut Option<Context>,
+    slot: &mut Option<Conn>,
     tcti: &TctiNameConf,
-    session: bool,
-    f: impl FnOnce(&mut Context) -> Result<T, Fail>,
+    kind: Option<SessionKind>,
+    mut f: impl FnMut(&mut Conn) -> Result<T, Fail>,
 ) -> Result<T, Fail> {
-    let ctx = match slot {
-        Some(ctx) => ctx,
-        None => slot.insert(Context::new(tcti.clone()).at(Stage::Connect)?),
+    let conn = match slot {
+        Some(conn) => conn,
+        None => slot.insert(Conn {
+            ctx: Context::new(tcti.clone()).at(Stage::Connect)?,
+            held: Held::default(),
+            holding: false,
+        }),
     };
-    let res = if session {
-        ctx.execute_with_nullauth_session(f)
-    } else {
-        ctx.execute_without_session(f)
+    let body = |conn: &mut Conn| {
+        let res = f(conn);
+        let cleanup = if conn.holding {
+            Ok(())
+        } else {
+            conn.release_all()
+        };
+        finish(res, cleanup)
+    };
+    let res = match kind {
+        Some(SessionKind::Password) => with_sessions(conn, Some(AuthSession::Password), body),
+        Some(SessionKind::Hmac) => {
+            let session = start_hmac_session(&mut conn.ctx)?;
+            let res = with_sessions(conn, Some(session), body);
+            let flushed = conn
+                .ctx
+                .flush_context(SessionHandle::from(session).into())
+                .at(Stage::Cleanup);
+            finish(res, flushed)
+        }
+        None => with_sessions(conn, None, body),
     };
     if let Err(fail) = &res {
         if fail.leaked || !matches!(classify(&fail.err), Class::Tpm(_)) {
@@ -129,6 +267,51 @@ fn run_in<T>(
         }
     }
     res
+}
+/// Runs `body` with `session` as the only authorization session, restoring the old ones after.
+fn with_sessions<T>(
+    conn: &mut Conn,
+    session: Option<AuthSession>,
+    body: impl FnOnce(&mut Conn) -> Result<T, Fail>,
+) -> Result<T, Fail> {
+    let old = conn.ctx.sessions();
+    conn.ctx.set_sessions((session, None, None));
+    let res = body(conn);
+    conn.ctx.set_sessions(old);
+    res
+}
+
+/// An unbound, unsalted HMAC session with parameter encryption (what
+/// `execute_with_nullauth_session` starts), so auth values are proven by HMAC, not sent.
+fn start_hmac_session(ctx: &mut Context) -> Result<AuthSession, Fail> {
+    let session = ctx
+        .start_auth_session(
+            None,
+            None,
+            None,
+            SessionType::Hmac,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )
+        .at(Stage::Session)?
+        .ok_or(Fail {
+            stage: Stage::Session,
+            err: tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm),
+            leaked: false,
+        })?;
+    let (attributes, mask) = SessionAttributesBuilder::new()
+        .with_decrypt(true)
+        .with_encrypt(true)
+        .build();
+    if let Err(e) = ctx.tr_sess_set_attributes(session, attributes, mask) {
+        let _ = ctx.flush_context(SessionHandle::from(session).into());
+        return Err(Fail {
+            stage: Stage::Session,
+            err: e,
+            leaked: false,
+        });
+    }
+    Ok(session)
 }
 
 /// Combines an operation's result with its cleanup's, keeping the first error.
@@ -147,67 +330,218 @@ fn finish<T>(res: Result<T, Fail>, cleanup: Result<(), Fail>) -> Result<T, Fail>
     }
 }
 
-/// Makes the parent available for `f` and releases it afterwards, whatever `f` returned.
-pub(super) fn with_parent<T>(
+impl Conn {
+    /// Keeps what operations load until [`Conn::release_all`] (or the connection is dropped).
+    pub(super) fn hold(&mut self) {
+        self.holding = true;
+    }
+
+    /// Flushes the held key and lets go of the held parent, and ends the hold.
+    pub(super) fn release_all(&mut self) -> Result<(), Fail> {
+        self.holding = false;
+        let key = self.drop_key();
+        let parent = match self.held.parent.take() {
+            Some(p) => release_parent(&mut self.ctx, p),
+            None => Ok(()),
+        };
+        key.and(parent)
+    }
+
+    fn drop_key(&mut self) -> Result<(), Fail> {
+        match self.held.key.take() {
+            Some(k) => self.ctx.flush_context(k.handle.into()).at(Stage::Cleanup),
+            None => Ok(()),
+        }
+    }
+
+    /// The handle of parent `which`, made (or opened) unless it is already held.
+    fn parent(&mut self, which: Parent, policy: &mut ParentPolicy) -> Result<KeyHandle, Fail> {
+        if let Some(p) = self.held.parent {
+            if p.which == which {
+                return Ok(p.handle);
+            }
+            // Another parent: its key goes with it.
+            self.drop_key()?;
+            self.held.parent = None;
+            release_parent(&mut self.ctx, p)?;
+        }
+        let p = load_parent(&mut self.ctx, which, policy)?;
+        self.held.parent = Some(p);
+        Ok(p.handle)
+    }
+
+    /// The handle of `blob` (key `name`) loaded under its parent, unless it is already held.
+    fn key(
+        &mut self,
+        name: &KeyName,
+        blob: &KeyBlob,
+        policy: &mut ParentPolicy,
+    ) -> Result<KeyHandle, Fail> {
+        let parent = self.parent(blob.parent(), policy)?;
+        let public = blob.public_key();
+        if let Some(k) = &self.held.key {
+            if &k.name == name && k.public == public {
+                return Ok(k.handle);
+            }
+        }
+        // One key at a time: a TPM without a resource manager has few object slots.
+        self.drop_key()?;
+        let handle = self
+            .ctx
+            .load(parent, blob.private().clone(), blob.public().clone())
+            .at(Stage::Load)?;
+        self.held.key = Some(LoadedKey {
+            name: name.clone(),
+            public,
+            handle,
+        });
+        Ok(handle)
+    }
+}
+
+fn release_parent(ctx: &mut Context, p: LoadedParent) -> Result<(), Fail> {
+    let mut obj = ObjectHandle::from(p.handle);
+    if p.transient {
+        ctx.flush_context(obj).at(Stage::Cleanup)
+    } else {
+        // A persistent object is only closed in ESYS; flushing it is not allowed.
+        ctx.tr_close(&mut obj).at(Stage::Cleanup)
+    }
+}
+
+/// Makes `which` available: opens a persistent key, or for the template uses the persistent SRK
+/// when it is known to be the same key, else creates the primary.
+fn load_parent(
     ctx: &mut Context,
-    parent: Parent,
-    owner_auth: Option<&[u8]>,
-    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, Fail>,
-) -> Result<T, Fail> {
-    match parent {
+    which: Parent,
+    policy: &mut ParentPolicy,
+) -> Result<LoadedParent, Fail> {
+    match which {
+        Parent::Persistent(h) => {
+            let obj = open_persistent(ctx, h)?;
+            Ok(LoadedParent {
+                which,
+                handle: obj.into(),
+                transient: false,
+            })
+        }
         Parent::Template => {
-            if let Some(a) = owner_auth {
+            if let Some(expected) = policy.srk_name.clone() {
+                match open_persistent(ctx, STANDARD_SRK) {
+                    Ok(mut obj) => match ctx.tr_get_name(obj) {
+                        Ok(n) if n.value() == expected.as_slice() => {
+                            return Ok(LoadedParent {
+                                which,
+                                handle: obj.into(),
+                                transient: false,
+                            })
+                        }
+                        _ => {
+                            ctx.tr_close(&mut obj).at(Stage::Cleanup)?;
+                            policy.srk_name = None;
+                        }
+                    },
+                    // Evicted (or the TPM was cleared): back to making the primary.
+                    Err(f) if matches!(classify(&f.err), Class::Tpm(_)) => policy.srk_name = None,
+                    Err(f) => return Err(f),
+                }
+            }
+            if let Some(a) = policy.owner_auth.as_ref() {
                 ctx.tr_set_auth(ObjectHandle::Owner, auth_value(a)?)
                     .at(Stage::Parent)?;
             }
             let template = storage_primary_template().at(Stage::Parent)?;
-            let primary = ctx
+            let handle = ctx
                 .create_primary(Hierarchy::Owner, template, None, None, None, None)
                 .at(Stage::Parent)?
                 .key_handle;
-            let res = f(ctx, primary);
-            let cleanup = ctx.flush_context(primary.into()).at(Stage::Cleanup);
-            finish(res, cleanup)
-        }
-        Parent::Persistent(h) => {
-            let handle = PersistentTpmHandle::new(h).at(Stage::Parent)?;
-            let mut obj = ctx
-                .tr_from_tpm_public(TpmHandle::Persistent(handle))
-                .at(Stage::Parent)?;
-            let res = f(ctx, obj.into());
-            // A persistent object is only closed in ESYS; flushing it is not allowed.
-            let cleanup = ctx.tr_close(&mut obj).at(Stage::Cleanup);
-            finish(res, cleanup)
+            Ok(LoadedParent {
+                which,
+                handle,
+                transient: true,
+            })
         }
     }
 }
 
-/// Loads `blob` under its parent for the length of `f`, flushing both afterwards: the path every
-/// operation on an existing key takes.
-pub(super) fn with_loaded_key<T>(
-    ctx: &mut Context,
-    blob: &KeyBlob,
-    owner_auth: Option<&[u8]>,
-    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, Fail>,
-) -> Result<T, Fail> {
-    with_parent(ctx, blob.parent(), owner_auth, |ctx, parent| {
-        with_key(ctx, parent, blob, f)
-    })
+fn open_persistent(ctx: &mut Context, h: u32) -> Result<ObjectHandle, Fail> {
+    let handle = PersistentTpmHandle::new(h).at(Stage::Parent)?;
+    // ReadPublic takes no authorization; libtss2 crashes when given the password session.
+    ctx.execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::Persistent(handle)))
+        .at(Stage::Parent)
 }
 
-/// Loads `blob` under `parent` for `f` and flushes it afterwards, whatever `f` returned.
-pub(super) fn with_key<T>(
-    ctx: &mut Context,
-    parent: KeyHandle,
-    blob: &KeyBlob,
+/// Runs `f` with the parent `which` available (held, or made for `f` alone).
+pub(super) fn with_parent<T>(
+    conn: &mut Conn,
+    which: Parent,
+    policy: &mut ParentPolicy,
     f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, Fail>,
 ) -> Result<T, Fail> {
-    let key = ctx
-        .load(parent, blob.private().clone(), blob.public().clone())
-        .at(Stage::Load)?;
-    let res = f(ctx, key);
-    let cleanup = ctx.flush_context(key.into()).at(Stage::Cleanup);
-    finish(res, cleanup)
+    let parent = conn.parent(which, policy)?;
+    f(&mut conn.ctx, parent)
+}
+
+/// Runs `f` with key `name` (stored as `blob`) loaded under its parent: the path every
+/// operation on an existing key takes.
+pub(super) fn with_loaded_key<T>(
+    conn: &mut Conn,
+    name: &KeyName,
+    blob: &KeyBlob,
+    policy: &mut ParentPolicy,
+    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, Fail>,
+) -> Result<T, Fail> {
+    let key = conn.key(name, blob, policy)?;
+    f(&mut conn.ctx, key)
+}
+
+/// After making the template primary (transient `primary`, with TPM name `name`): learns whether
+/// [`STANDARD_SRK`] holds the same key, and persists it there when the owner allows and the
+/// handle is free. Returns the name to remember, if the SRK is now usable. Never fails the
+/// operation: a refusal only means keys keep using a transient primary.
+pub(super) fn learn_srk(ctx: &mut Context, primary: KeyHandle, persist: bool) -> Option<Vec<u8>> {
+    let ours = ctx.tr_get_name(primary.into()).ok()?.value().to_vec();
+    match open_persistent(ctx, STANDARD_SRK) {
+        Ok(mut obj) => {
+            let theirs = ctx.tr_get_name(obj).ok().map(|n| n.value().to_vec());
+            let _ = ctx.tr_close(&mut obj);
+            if theirs.as_deref() == Some(ours.as_slice()) {
+                return Some(ours);
+            }
+            tracing::info!(handle = "0x81000001", "the standard SRK handle holds another object; bound keys keep using a transient storage primary");
+            None
+        }
+        Err(_) if persist => {
+            let handle = PersistentTpmHandle::new(STANDARD_SRK).ok()?;
+            match ctx.evict_control(
+                Provision::Owner,
+                primary.into(),
+                Persistent::Persistent(handle),
+            ) {
+                Ok(mut obj) => {
+                    let _ = ctx.tr_close(&mut obj);
+                    tracing::info!(
+                        handle = "0x81000001",
+                        "persisted the storage primary at the standard SRK handle"
+                    );
+                    Some(ours)
+                }
+                Err(e) => {
+                    tracing::warn!(handle = "0x81000001", error = %e, "could not persist the storage primary; bound keys keep using a transient one");
+                    None
+                }
+            }
+        }
+        Err(_) => None,
+    }
+}
+
+/// The parent `conn` holds now, if it is a transient primary (just made from the template).
+pub(super) fn held_transient_primary(conn: &Conn) -> Option<KeyHandle> {
+    conn.held
+        .parent
+        .filter(|p| p.transient && p.which == Parent::Template)
+        .map(|p| p.handle)
 }
 
 pub(super) fn auth_value(a: &[u8]) -> Result<Auth, Fail> {
