@@ -19,8 +19,17 @@
 //!   between the timed tools.
 //!   `tpm2_getrandom 8` shows what a tool costs before any real TPM work (process start, TCTI
 //!   set-up, one trivial command).
-//! * HAL in-process: the same operations through `boundkey-hal` (tss-esapi) in this process, to
-//!   separate the TPM's own cost from process and tool start-up.
+//! * HAL in-process: the TPM commands the agent's ceremony sends, through `boundkey-hal`
+//!   (tss-esapi) in this process, back to back, as the agent issues them (a hold from `prepare`
+//!   to `release`): the TPM's own cost without process start-up or network. With a TLS round
+//!   trip to the same authd (connect, TLS 1.3 handshake, one frame each way) it is the floor a
+//!   renewal is compared with.
+//! * Commands per ceremony: one first join and one renewal of the agent through a relay that
+//!   records every TPM command (`testkit::TpmCommandCounter`), and the same with a persistent
+//!   SRK at 0x81000001 (`--tpm-persist-srk`, on a second swtpm).
+//!
+//! The storage directories are on the disk (`/tmp`), the identity outputs on tmpfs
+//! (`/dev/shm`), as the packaged unit has them (`/var/lib/boundkeyd`, `/run/boundkeyd`).
 //!
 //! The binaries are the bench profile's (`target/release`), started through the end-to-end test
 //! harness (`tests/common`), so build the server binaries in release first. Numbers are printed,
@@ -32,7 +41,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use boundkey_hal::{Digest, KeyName, KeyStore, TpmConfig, TpmKeyStore};
-use boundkey_testkit::Swtpm;
+use boundkey_testkit::{Swtpm, TpmCommandCounter};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -124,7 +133,7 @@ fn smaps_kib(pid: u32, field: &str) -> u64 {
 
 fn daemon_run(auth: &AuthServer, dir: &Path, keystore: &[String]) -> DaemonRun {
     let token = auth.bot_with_token("bench-daemon", &[]);
-    let out = dir.join("daemon/out");
+    let out = outputs_dir(dir).join("daemon");
     let mut child = Command::new(boundkeyd())
         .args(["start", "--log-level", "warn", "--storage"])
         .arg(dir.join("daemon/storage"))
@@ -138,6 +147,9 @@ fn daemon_run(auth: &AuthServer, dir: &Path, keystore: &[String]) -> DaemonRun {
         .unwrap();
     let pid = child.id();
     wait_for_change(&out, None, "daemon first join");
+    // A page of a just-built binary that is not yet written back counts as the process's
+    // private dirty memory; write everything back so only the daemon's own pages count.
+    let _ = Command::new("sync").status();
     // Let the first heartbeat finish before looking at memory.
     std::thread::sleep(Duration::from_millis(500));
     let (rss_kib, pss_kib, private_dirty_kib) = (
@@ -221,7 +233,7 @@ fn agent_runs(
 ) -> (Vec<Duration>, Vec<Duration>) {
     let agent = |i: usize| Agent {
         storage: dir.join(format!("{label}-{i}/storage")),
-        destination: dir.join(format!("{label}-{i}/out")),
+        destination: outputs_dir(dir).join(format!("{label}-{i}")),
         keystore: keystore.to_vec(),
     };
     let joins: Vec<Duration> = (0..JOINS)
@@ -234,6 +246,57 @@ fn agent_runs(
     a.run(&[]); // warm-up
     let renewals = (0..RENEWALS).map(|_| a.run(&[])).collect();
     (joins, renewals)
+}
+
+/// Where identity outputs go: tmpfs, as the packaged unit's `/run/boundkeyd`, when there is one.
+fn outputs_dir(dir: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let name = dir.file_name().map_or_else(
+            || "boundkey-bench".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        shm.join(name)
+    } else {
+        dir.join("out")
+    }
+}
+
+/// The TPM commands of one agent first join and one renewal, recorded by a relay.
+fn commands_per_ceremony(
+    auth: &AuthServer,
+    tpm: &Swtpm,
+    dir: &Path,
+    label: &str,
+    extra: &[&str],
+) -> (Vec<u32>, Vec<u32>) {
+    let relay = TpmCommandCounter::start(tpm.port());
+    let mut keystore = vec![
+        "--keystore".to_string(),
+        "tpm".to_string(),
+        "--tcti".to_string(),
+        relay.tcti(),
+    ];
+    keystore.extend(extra.iter().map(|s| s.to_string()));
+    let agent = Agent {
+        storage: dir.join(format!("count-{label}/storage")),
+        destination: outputs_dir(dir).join(format!("count-{label}")),
+        keystore,
+    };
+    let token = auth.bot_with_token(&format!("bench-count-{label}"), &[]);
+    relay.take();
+    agent.run(&["--join-uri", &token.join_uri]);
+    let join = relay.take();
+    agent.run(&[]);
+    let renewal = relay.take();
+    (strip_tcti_probes(join), strip_tcti_probes(renewal))
+}
+
+/// The swtpm TCTI's own start-up (it asks the TPM for its properties on every connection set
+/// up) is libtss2's, not the ceremony's.
+fn strip_tcti_probes(mut v: Vec<u32>) -> Vec<u32> {
+    v.retain(|&c| c != 0x17a);
+    v
 }
 
 /// tpm2-tools against the swtpm; context files live in `dir`.
@@ -371,13 +434,22 @@ fn tool_runs(tpm: &Swtpm, dir: &Path) -> ToolTimes {
     out
 }
 
-/// The same operations through boundkey-hal (tss-esapi) in this process.
-fn hal_runs(tpm: &Swtpm, dir: &Path) -> (Vec<Duration>, Vec<Duration>) {
+/// The ceremony's TPM commands through boundkey-hal (tss-esapi) in this process, as the agent
+/// sends them: a first join makes the parent, creates the key and signs with it in one hold; a
+/// renewal loads the bound key, signs and flushes.
+fn hal_runs(
+    tpm: &Swtpm,
+    dir: &Path,
+    label: &str,
+    persist_srk: bool,
+) -> (Vec<Duration>, Vec<Duration>) {
     let cfg = TpmConfig {
         tcti: tpm.tcti(),
+        persist_srk,
         ..TpmConfig::default()
     };
-    let mut store = TpmKeyStore::open(&dir.join("hal"), cfg).expect("open the TPM key store");
+    let mut store =
+        TpmKeyStore::open(&dir.join(format!("hal-{label}")), cfg).expect("open the TPM key store");
     let digest = Digest::of(b"bench");
     let warm = KeyName::new("warm").expect("key name");
     store.create(&warm).expect("create");
@@ -386,20 +458,42 @@ fn hal_runs(tpm: &Swtpm, dir: &Path) -> (Vec<Duration>, Vec<Duration>) {
     for i in 0..JOINS {
         let k = KeyName::new(&format!("join{i}")).expect("key name");
         let t = Instant::now();
+        store.prepare(None).expect("prepare");
         store.create(&k).expect("create");
         store.sign_digest(&k, &digest).expect("sign");
+        store.release();
         joins.push(t.elapsed());
     }
     let renewals = (0..RENEWALS)
         .map(|_| {
             let t = Instant::now();
+            store.prepare(Some(&warm)).expect("prepare");
             store.sign_digest(&warm, &digest).expect("sign");
+            store.release();
             t.elapsed()
         })
         .collect();
     // swtpm serves one connection at a time.
     store.disconnect();
     (joins, renewals)
+}
+
+/// What a renewal's two durable state writes (the in-flight mark, then the new identity) cost on
+/// the storage directory's disk: each a temporary file, fsync, rename and directory fsync, as
+/// `boundkey_fs::write_atomic` does for `state.json` (about 4 KB).
+fn durable_writes(dir: &Path) -> Vec<Duration> {
+    let d = dir.join("writes");
+    std::fs::create_dir_all(&d).expect("writes dir");
+    let data = vec![b'x'; 4096];
+    (0..RENEWALS)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..2 {
+                boundkey_fs::write_atomic(&d.join("state.json"), &data, 0o600).expect("write");
+            }
+            t.elapsed()
+        })
+        .collect()
 }
 
 fn median(v: &[Duration]) -> Duration {
@@ -491,8 +585,23 @@ fn main() {
     let daemon = daemon_run(&auth, dir.path(), &tpm_args);
     tls_round_trip(&auth); // warm-up
     let tls: Vec<Duration> = (0..RENEWALS).map(|_| tls_round_trip(&auth)).collect();
+    let writes = durable_writes(dir.path());
     let tools = tool_runs(&tpm, dir.path());
-    let (hal_joins, hal_renewals) = hal_runs(&tpm, dir.path());
+    let (hal_joins, hal_renewals) = hal_runs(&tpm, dir.path(), "plain", false);
+    let (count_join, count_renewal) = commands_per_ceremony(&auth, &tpm, dir.path(), "plain", &[]);
+    // A second TPM, whose owner lets the agent persist the storage primary at 0x81000001.
+    let tpm_srk = Swtpm::start();
+    let srk_args = vec![
+        "--keystore".to_string(),
+        "tpm".to_string(),
+        "--tcti".to_string(),
+        tpm_srk.tcti(),
+        "--tpm-persist-srk".to_string(),
+    ];
+    let (srk_count_join, srk_count_renewal) =
+        commands_per_ceremony(&auth, &tpm_srk, dir.path(), "srk", &["--tpm-persist-srk"]);
+    let (_, srk_renewals) = agent_runs(&auth, dir.path(), "srk", &srk_args);
+    let (hal_srk_joins, hal_srk_renewals) = hal_runs(&tpm_srk, dir.path(), "srk", true);
 
     println!();
     println!("{:<52} {:>3} {:>10} {:>10}", "", "N", "median", "p90");
@@ -521,7 +630,29 @@ fn main() {
     );
     row("HAL in-process (tss-esapi), create + sign", &hal_joins);
     row("HAL in-process (tss-esapi), sign", &hal_renewals);
+    row("agent renewal, tpm, persistent SRK", &srk_renewals);
+    row(
+        "HAL in-process, create + sign, persistent SRK",
+        &hal_srk_joins,
+    );
+    row("HAL in-process, sign, persistent SRK", &hal_srk_renewals);
     row("TLS round trip (connect, handshake, 1 frame)", &tls);
+    row("two durable state writes (storage disk)", &writes);
+
+    println!();
+    println!("TPM commands per ceremony (agent, through a recording relay):");
+    for (what, v) in [
+        ("first join", &count_join),
+        ("renewal", &count_renewal),
+        ("first join, persistent SRK", &srk_count_join),
+        ("renewal, persistent SRK", &srk_count_renewal),
+    ] {
+        println!(
+            "  {what:<28} {:>2}: {}",
+            v.len(),
+            TpmCommandCounter::describe(v)
+        );
+    }
 
     let ratio = |a: &[Duration], b: &[Duration]| median(a).as_secs_f64() / median(b).as_secs_f64();
     println!();
@@ -553,6 +684,19 @@ fn main() {
         ms(floor),
         median(&tpm_renewals).as_secs_f64() / floor.as_secs_f64(),
         median(&daemon.renewals).as_secs_f64() / floor.as_secs_f64(),
+    );
+    let with_writes = floor + median(&writes);
+    println!(
+        "  with the two durable state writes: {}; oneshot / that {:.2}; daemon / that {:.2}",
+        ms(with_writes),
+        median(&tpm_renewals).as_secs_f64() / with_writes.as_secs_f64(),
+        median(&daemon.renewals).as_secs_f64() / with_writes.as_secs_f64(),
+    );
+    let srk_floor = median(&hal_srk_renewals) + median(&tls);
+    println!(
+        "with a persistent SRK: floor {}; oneshot / floor {:.2}",
+        ms(srk_floor),
+        median(&srk_renewals).as_secs_f64() / srk_floor.as_secs_f64(),
     );
     println!(
         "daemon after a TPM join: RSS {} KiB, PSS {} KiB, private dirty {} KiB",

@@ -101,6 +101,10 @@ pub(crate) struct KeystoreArgs {
     /// Persistent TPM parent key handle (e.g. 0x81000001) instead of the standard ECC primary.
     #[arg(long, value_name = "HANDLE")]
     pub(crate) tpm_parent: Option<String>,
+    /// Allow persisting the standard ECC storage primary at 0x81000001 (uses one persistent
+    /// slot and the owner auth), so later operations open it instead of making it again.
+    #[arg(long)]
+    pub(crate) tpm_persist_srk: bool,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -184,6 +188,7 @@ fn keystore_flags(k: &KeystoreArgs, f: &mut Flags) {
     f.tpm_owner_auth_file = k.tpm_owner_auth_file.clone();
     f.tpm_key_auth_file = k.tpm_key_auth_file.clone();
     f.tpm_parent = k.tpm_parent.clone();
+    f.tpm_persist_srk = k.tpm_persist_srk;
 }
 
 /// Runs a parsed command line.

@@ -173,6 +173,7 @@ fn open_keystore(
                 "BOUNDKEY_TPM_KEY_AUTH",
             )?,
             parent: tpm.parent.map(Parent::Persistent).unwrap_or_default(),
+            persist_srk: tpm.persist_srk,
         }),
     };
     Ok(boundkey_hal::open_store(backend, &storage.keys_dir(), tpm)?)

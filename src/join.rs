@@ -18,6 +18,8 @@
 //! Nothing here opens a socket or a file, so every path is unit-tested with canned messages.
 
 use boundkey_proto::claims::ChallengeClaims;
+
+use crate::identity_key::IdentityKey;
 use boundkey_proto::{
     jws, keys, BotParams, ChallengeSolution, ClientMessage, ErrorCode, Init, JoinMethod,
     JoinResult, RotationResponse, ServerMessage, TokenJoin,
@@ -41,7 +43,7 @@ pub(crate) struct Plan {
     pub token: Option<String>,
     pub registration_secret: Option<String>,
     /// This ceremony's identity key: fresh, or the one of a ceremony whose result was lost.
-    pub identity_key: p256::SecretKey,
+    pub identity_key: IdentityKey,
     pub ttl_secs: u64,
     pub join_state: Option<String>,
     pub keys: Vec<HeldKey>,
@@ -77,6 +79,9 @@ pub(crate) enum JoinError<E> {
     /// The key store returned a signature that does not verify.
     #[error("the key store produced a signature that does not verify (key {0}); the key store or TPM is faulty")]
     BadSignature(String),
+    /// This ceremony's identity key could not sign its proof.
+    #[error("cannot sign with this ceremony's identity key: {0}")]
+    IdentityKey(String),
     #[error(transparent)]
     Effect(E),
 }
@@ -90,6 +95,7 @@ impl<E> JoinError<E> {
             JoinError::Protocol(p) => Err(JoinError::Protocol(p)),
             JoinError::KeyNotHeld { kid } => Err(JoinError::KeyNotHeld { kid }),
             JoinError::BadSignature(k) => Err(JoinError::BadSignature(k)),
+            JoinError::IdentityKey(e) => Err(JoinError::IdentityKey(e)),
         }
     }
 }
@@ -130,7 +136,7 @@ impl Ceremony {
     /// Begins a ceremony: returns it and the first message.
     pub(crate) fn start(plan: Plan) -> (Ceremony, ClientMessage) {
         let params = BotParams {
-            identity_public_key: keys::pkix_b64(&plan.identity_key.public_key()),
+            identity_public_key: keys::pkix_b64(plan.identity_key.public_key()),
             ttl_secs: plan.ttl_secs,
         };
         let (first, candidate) = match plan.method {
@@ -164,6 +170,20 @@ impl Ceremony {
             },
             first,
         )
+    }
+
+    /// Records now, before the challenge arrives, that the auth service may commit this
+    /// ceremony, so the caller can overlap that durable write with the network instead of
+    /// making it between the signature and the solution. Marking early is conservative: a
+    /// ceremony that fails before its solution is not uncertain
+    /// ([`Ceremony::uncertain_after_failure`]) and its caller clears the mark again, and a
+    /// rotation's pending key write resets it, to be set again before that key's solution.
+    pub(crate) fn mark_early<F: Effects>(&mut self, fx: &mut F) -> Result<(), JoinError<F::Error>> {
+        if self.plan.method == JoinMethod::BoundKeypair && !self.marked_uncertain {
+            fx.mark_uncertain().map_err(JoinError::Effect)?;
+            self.marked_uncertain = true;
+        }
+        Ok(())
     }
 
     /// After a failure: whether the auth service may have committed a ceremony whose result the
@@ -260,8 +280,12 @@ impl Ceremony {
                 }
                 self.solutions_sent += 1;
                 self.awaiting_reply_to_commit_candidate = true;
-                let identity = p256::ecdsa::SigningKey::from(&self.plan.identity_key);
-                let identity_proof = Some(jws::sign(&identity, None, c.document.as_bytes()));
+                let identity_proof = Some(
+                    self.plan
+                        .identity_key
+                        .sign_jws(c.document.as_bytes())
+                        .map_err(|e| JoinError::IdentityKey(e.to_string()))?,
+                );
                 Ok(Step::Send(ClientMessage::ChallengeSolution(
                     ChallengeSolution {
                         solution,
@@ -392,7 +416,7 @@ mod tests {
             method: JoinMethod::BoundKeypair,
             token: Some("tok".into()),
             registration_secret: None,
-            identity_key: p256::SecretKey::random(&mut rand_core::OsRng),
+            identity_key: IdentityKey::generate().unwrap(),
             ttl_secs: 60,
             join_state: Some("js".into()),
             keys,
@@ -634,6 +658,60 @@ mod tests {
             c.uncertain_after_failure(),
             "an earlier lost result stays uncertain"
         );
+    }
+
+    #[test]
+    fn an_early_mark_replaces_the_one_before_the_solution_and_a_refusal_undoes_it() {
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
+        c.mark_early(&mut fx).unwrap();
+        c.mark_early(&mut fx).unwrap();
+        assert_eq!(fx.log, vec!["mark"], "marked once");
+        assert!(
+            !c.uncertain_after_failure(),
+            "nothing sent that could commit yet: a failure now clears the mark"
+        );
+        solution(c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap());
+        assert_eq!(fx.log, vec!["mark", "sign a"], "no second mark");
+        assert!(c.uncertain_after_failure());
+
+        // A rotation after an early mark: the pending key's write resets it, and the new
+        // key's solution is preceded by a mark again.
+        let new_pk = match c
+            .handle(
+                ServerMessage::RotationRequest(RotationRequest {
+                    reason: RotationReason::RotationDue,
+                }),
+                &mut fx,
+            )
+            .unwrap()
+        {
+            Step::Send(ClientMessage::RotationResponse(r)) => {
+                keys::parse_ssh_public_key(&r.public_key).unwrap()
+            }
+            other => panic!("{other:?}"),
+        };
+        solution(c.handle(challenge_for(&new_pk).0, &mut fx).unwrap());
+        assert_eq!(
+            fx.log,
+            vec![
+                "mark",
+                "sign a",
+                "create new-1",
+                "persist new-1 false",
+                "sign new-1",
+                "mark"
+            ]
+        );
+
+        // The token method has no in-flight mark.
+        let mut p = plan(vec![]);
+        p.method = JoinMethod::Token;
+        let (mut c, _) = Ceremony::start(p);
+        let mut fx = Fake::default();
+        c.mark_early(&mut fx).unwrap();
+        assert!(fx.log.is_empty());
     }
 
     #[test]

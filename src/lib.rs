@@ -21,6 +21,7 @@ mod error;
 pub mod fuzzing;
 mod health;
 mod heartbeat;
+mod identity_key;
 mod join;
 mod keyset;
 mod metrics;

@@ -25,6 +25,7 @@ use rand_chacha::ChaCha20Rng;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use crate::identity_key::IdentityKey;
 use crate::join::{Ceremony, Effects, HeldKey, JoinError, Outcome, Plan, Step};
 
 const T0: i64 = 1_800_000_000;
@@ -239,11 +240,12 @@ fn run(
     t: &mut Transcript,
 ) -> Ending {
     let prior_uncertain = d.in_flight.is_some();
-    let identity_key = match &d.in_flight {
+    let identity_secret = match &d.in_flight {
         Some(k) => k.clone(),
         None => p256::SecretKey::random(&mut d.rng),
     };
-    d.current = Some(identity_key.clone());
+    d.current = Some(identity_secret.clone());
+    let identity_key = IdentityKey::deterministic(&identity_secret);
     let plan = Plan {
         method: JoinMethod::BoundKeypair,
         token: Some("tok".into()),

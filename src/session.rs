@@ -5,9 +5,8 @@
 
 use std::time::Instant;
 
-use boundkey_hal::{Digest, KeyName};
+use boundkey_hal::{Digest, KeyName, KeyStore};
 use boundkey_proto::{CeremonyKind, ClientMessage, JoinMethod};
-use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use rustls::pki_types::CertificateDer;
 
 use crate::config::Settings;
@@ -15,6 +14,7 @@ use crate::crash;
 use crate::device::{self, Device};
 use crate::error::AgentError;
 use crate::heartbeat::HeartbeatTarget;
+use crate::identity_key::IdentityKey;
 use crate::join::{Ceremony, Effects, HeldKey, Outcome, Plan, Step};
 use crate::keyset::KeyRef;
 use crate::metrics::{KeystoreLatency, Metrics};
@@ -133,8 +133,8 @@ impl Agent {
             )?),
             _ => None,
         };
-        let identity_key = identity_key_for_attempt(state);
-        let identity_key_pem = pkcs8_pem(&identity_key)?;
+        let identity_key = identity_key_for_attempt(state)?;
+        let identity_key_pem = identity_key.to_pkcs8_pem()?;
         let lost_first_join = kind == CeremonyKind::FirstJoin && state.in_flight.is_some();
         let ceremony_plan = Plan {
             method: t.method,
@@ -160,6 +160,12 @@ impl Agent {
             mtls = client.is_some(),
             "contacting the auth service"
         );
+        // The key the auth service will most likely ask to be proven: loaded while the network
+        // is busy. A first join by secret has none yet; its parent is made ready instead.
+        let expected_key = match kind {
+            CeremonyKind::FirstJoin if plan.registration_secret.is_some() => None,
+            _ => state.keys.active.as_ref().map(|k| k.name.clone()),
+        };
         let (mut ceremony, first) = Ceremony::start(ceremony_plan);
         let driven = {
             let Device {
@@ -177,9 +183,16 @@ impl Agent {
                 now,
                 identity_key_pem: &identity_key_pem,
             };
-            tokio::time::timeout(
+            let driven = tokio::time::timeout(
                 CEREMONY_TIMEOUT,
-                drive(t, client.as_ref(), &mut ceremony, first, &mut fx),
+                drive(
+                    t,
+                    client.as_ref(),
+                    &mut ceremony,
+                    first,
+                    expected_key,
+                    &mut fx,
+                ),
             )
             .await
             .unwrap_or_else(|_| {
@@ -187,7 +200,10 @@ impl Agent {
                     addr: t.endpoint.to_string(),
                     secs: CEREMONY_TIMEOUT.as_secs(),
                 }))
-            })
+            });
+            // Whatever happened, nothing stays loaded in the TPM.
+            fx.store.release();
+            driven
         };
         match driven {
             Ok((outcome, learned_ca)) => self.commit(t, kind, outcome, identity_key, learned_ca),
@@ -236,7 +252,7 @@ impl Agent {
         t: &Target,
         kind: CeremonyKind,
         outcome: Outcome,
-        identity_key: p256::SecretKey,
+        identity_key: IdentityKey,
         learned_ca: Option<CertificateDer<'static>>,
     ) -> Result<(), AgentError> {
         crash::point("after-result-received");
@@ -270,7 +286,7 @@ impl Agent {
             expires: r.expires,
             certificate: r.certificate,
             ca_bundle: r.ca_bundle,
-            private_key: Secret(pkcs8_pem(&identity_key)?),
+            private_key: Secret(identity_key.to_pkcs8_pem()?),
             join_state: r.join_state,
         });
         next.in_flight = None;
@@ -336,32 +352,26 @@ impl Agent {
     }
 }
 
-fn pkcs8_pem(key: &p256::SecretKey) -> Result<String, AgentError> {
-    key.to_pkcs8_pem(LineEnding::LF)
-        .map(|p| p.to_string())
-        .map_err(|e| AgentError::Internal(format!("cannot encode the identity key: {e}")))
-}
-
 /// A fresh identity key, or the one recorded by a ceremony whose result may have been lost
 /// (reusing it is what lets the auth service recognise the retry).
-fn identity_key_for_attempt(state: &State) -> p256::SecretKey {
+fn identity_key_for_attempt(state: &State) -> Result<IdentityKey, AgentError> {
     let recorded = state
         .in_flight
         .as_ref()
         .and_then(|f| f.identity_key.as_ref());
-    match recorded.map(|k| p256::SecretKey::from_pkcs8_pem(&k.0)) {
-        Some(Ok(k)) => k,
+    match recorded.map(|k| IdentityKey::from_pkcs8_pem(&k.0)) {
+        Some(Ok(k)) => Ok(k),
         Some(Err(e)) => {
             tracing::warn!(error = %e, "the interrupted ceremony's identity key is unreadable; using a new one");
-            p256::SecretKey::random(&mut rand_core::OsRng)
+            IdentityKey::generate()
         }
-        None => p256::SecretKey::random(&mut rand_core::OsRng),
+        None => IdentityKey::generate(),
     }
 }
 
 /// The agent's side effects for a ceremony: the key store and the storage directory.
 struct AgentEffects<'a> {
-    store: &'a mut dyn boundkey_hal::KeyStore,
+    store: &'a mut dyn KeyStore,
     latency: &'a mut KeystoreLatency,
     storage: &'a Storage,
     state: &'a mut State,
@@ -431,16 +441,30 @@ impl Effects for AgentEffects<'_> {
     }
 }
 
+/// Drives one ceremony over one connection. Work that does not depend on the auth service's
+/// answers is done while the service works on them, on this thread (the answer waits in the
+/// socket): after Init, the key store loads `expected_key` (or makes its parent ready) and the
+/// in-flight mark is written while the service prepares its challenge; after a solution, the key
+/// store unloads while the service commits. No extra thread: the daemon stays single-threaded.
 async fn drive(
     t: &Target,
     client: Option<&ClientIdentity>,
     ceremony: &mut Ceremony,
     first: ClientMessage,
+    expected_key: Option<String>,
     fx: &mut AgentEffects<'_>,
 ) -> Result<(Outcome, Option<CertificateDer<'static>>), AgentError> {
+    let expected_key = expected_key.and_then(|k| KeyName::new(&k).ok());
     let mut conn = transport::connect(&t.endpoint, &t.trust, client).await?;
     conn.send(&first).await?;
     crash::point("after-init-sent");
+    // A hint only: an operation that needs what failed to load reports the failure itself.
+    if let Err(e) = fx.store.prepare(expected_key.as_ref()) {
+        tracing::debug!(error = %e, "could not get the key store ready ahead of the challenge");
+    }
+    if matches!(fx.kind, CeremonyKind::Renewal | CeremonyKind::Recovery) {
+        ceremony.mark_early(fx)?;
+    }
     loop {
         let msg = conn.recv().await?;
         match ceremony.handle(msg, fx)? {
@@ -450,7 +474,12 @@ async fn drive(
                     ClientMessage::RotationResponse(_) => {
                         crash::point("after-rotation-response-sent")
                     }
-                    ClientMessage::ChallengeSolution(_) => crash::point("after-solution-sent"),
+                    ClientMessage::ChallengeSolution(_) => {
+                        crash::point("after-solution-sent");
+                        // Most likely the last TPM use of this ceremony: unload while the
+                        // service commits (a further round makes what it needs again).
+                        fx.store.release();
+                    }
                     _ => {}
                 }
             }

@@ -2,14 +2,18 @@
 //!
 //! Signing is split in two so that a key which never leaves its device (a TPM) can sign: build
 //! the [`signing_input`], hash it (SHA-256) and sign the digest anywhere, then [`assemble`].
-//! Verification accepts only ES256 with a 64-byte r‖s signature and normalises S to the low half
-//! before checking, so the high-S twin of a valid signature verifies the same way and cannot be
-//! used to make a "different" token.
+//! Verification accepts only ES256 with a 64-byte r‖s signature; the high-S twin of a valid
+//! signature verifies the same way (ECDSA does not distinguish them), so it cannot be used to
+//! make a "different" token, and everything this crate signs is low-S.
+//!
+//! Signatures are checked with ring, the implementation rustls already brings: its P-256 is
+//! hand-tuned and costs about a tenth of the pure-Rust `p256` crate's in the agent's size-first
+//! build (`docs/performance.md`), on the hot path of every ceremony on both sides.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
-use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use p256::ecdsa::{Signature, SigningKey};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -30,6 +34,8 @@ pub enum JwsError {
     SignatureEncoding,
     #[error("JWS signature does not verify")]
     BadSignature,
+    #[error("signing key is not a P-256 PKCS#8 key")]
+    Key,
 }
 
 /// The protected header. Unknown fields are rejected so nothing unsigned-by-intent slips in
@@ -70,6 +76,26 @@ pub fn assemble(signing_input: &str, signature: &[u8; 64]) -> String {
     s.push('.');
     s.push_str(&URL_SAFE_NO_PAD.encode(signature));
     s
+}
+
+/// Signs with a PKCS#8 (DER) P-256 key through ring; the signature is low-S. Fails only for a
+/// key that is not a P-256 PKCS#8 key.
+pub fn sign_pkcs8(pkcs8: &[u8], kid: Option<&str>, payload: &[u8]) -> Result<String, JwsError> {
+    let rng = ring::rand::SystemRandom::new();
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        pkcs8,
+        &rng,
+    )
+    .map_err(|_| JwsError::Key)?;
+    let input = signing_input(kid, payload);
+    let sig = pair
+        .sign(&rng, input.as_bytes())
+        .map_err(|_| JwsError::Key)?;
+    let sig = Signature::from_slice(sig.as_ref()).map_err(|_| JwsError::Key)?;
+    let sig = sig.normalize_s().unwrap_or(sig);
+    let bytes: [u8; 64] = sig.to_bytes().into();
+    Ok(assemble(&input, &bytes))
 }
 
 /// Signs with an in-memory key (CA keys, tests). The signature is low-S.
@@ -130,10 +156,14 @@ pub fn parse(jws: &str) -> Result<Parsed<'_>, JwsError> {
 impl Parsed<'_> {
     /// Verifies the signature with `key` and returns the payload bytes.
     pub fn verify(&self, key: &p256::PublicKey) -> Result<Vec<u8>, JwsError> {
-        let sig = self.signature.normalize_s().unwrap_or(self.signature);
-        let vk = VerifyingKey::from(key);
-        vk.verify_prehash(&digest(self.signing_input), &sig)
-            .map_err(|_| JwsError::BadSignature)?;
+        let point = key.to_encoded_point(false);
+        let sig: [u8; 64] = self.signature.to_bytes().into();
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            point.as_bytes(),
+        )
+        .verify(self.signing_input.as_bytes(), &sig)
+        .map_err(|_| JwsError::BadSignature)?;
         URL_SAFE_NO_PAD
             .decode(self.payload_b64)
             .map_err(|_| JwsError::Syntax)
@@ -194,6 +224,22 @@ mod tests {
         assert!(high.normalize_s().is_some(), "twin must be high-S");
         let bytes: [u8; 64] = high.to_bytes().into();
         assert!(verify(&assemble(input, &bytes), &pk).is_ok());
+    }
+
+    #[test]
+    fn pkcs8_keys_sign_low_s_tokens_the_verifier_accepts() {
+        use p256::pkcs8::EncodePrivateKey;
+        let k = key();
+        let pk = p256::PublicKey::from(k.verifying_key());
+        let der = k.to_pkcs8_der().unwrap();
+        for i in 0..16u8 {
+            let jws = sign_pkcs8(der.as_bytes(), Some("k"), &[i]).unwrap();
+            let (h, payload) = verify(&jws, &pk).unwrap();
+            assert_eq!((h.kid.as_deref(), payload), (Some("k"), vec![i]));
+            let sig = parse(&jws).unwrap().signature;
+            assert!(sig.normalize_s().is_none(), "high-S emitted");
+        }
+        assert_eq!(sign_pkcs8(b"junk", None, b"x"), Err(JwsError::Key));
     }
 
     #[test]

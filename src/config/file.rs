@@ -17,6 +17,7 @@ pub(crate) struct TpmFileConfig {
     pub owner_auth_file: Option<PathBuf>,
     pub key_auth_file: Option<PathBuf>,
     pub parent: Option<String>,
+    pub persist_srk: Option<bool>,
 }
 
 /// The TOML config file. Unknown keys are errors, so a typo never silently drops a setting.

@@ -16,6 +16,7 @@ pub(crate) struct Flags {
     pub tpm_owner_auth_file: Option<PathBuf>,
     pub tpm_key_auth_file: Option<PathBuf>,
     pub tpm_parent: Option<String>,
+    pub tpm_persist_srk: bool,
     pub certificate_ttl: Option<Duration>,
     pub renewal_interval: Option<Duration>,
     pub heartbeat_interval: Option<Duration>,

@@ -169,6 +169,7 @@ pub(crate) fn merge(
             .or(ftpm.parent.as_deref())
             .map(parse_handle)
             .transpose()?,
+        persist_srk: flags.tpm_persist_srk || ftpm.persist_srk.unwrap_or(false),
     };
     let dur = |flag: Option<Duration>, file: &Option<String>, what: &str, default: Duration| match (
         flag, file,
@@ -319,6 +320,7 @@ mod tests {
             [tpm]
             tcti = "swtpm:host=127.0.0.1,port=2321"
             parent = "0x81000001"
+            persist_srk = true
             "#,
         );
         let f = Flags {
@@ -333,10 +335,23 @@ mod tests {
         assert_eq!(s.join.token.as_deref(), Some("dev"));
         assert_eq!(s.certificate_ttl, Duration::from_secs(7200));
         assert_eq!(s.tpm.parent, Some(0x8100_0001));
+        assert!(s.tpm.persist_srk);
         assert_eq!(
             s.tpm.tcti.as_deref(),
             Some("swtpm:host=127.0.0.1,port=2321")
         );
+        // The flag alone turns it on too; neither leaves it off.
+        let on = Flags {
+            tpm_persist_srk: true,
+            storage: Some("/s".into()),
+            ..Flags::default()
+        };
+        assert!(merge(None, &on, None, &no_files).unwrap().tpm.persist_srk);
+        let off = Flags {
+            storage: Some("/s".into()),
+            ..Flags::default()
+        };
+        assert!(!merge(None, &off, None, &no_files).unwrap().tpm.persist_srk);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub(crate) struct TpmSettings {
     pub owner_auth_file: Option<PathBuf>,
     pub key_auth_file: Option<PathBuf>,
     pub parent: Option<u32>,
+    /// The owner allows persisting the storage primary at the standard SRK handle.
+    pub persist_srk: bool,
 }
 
 /// Join parameters. Any may be absent here and come from the storage directory instead.

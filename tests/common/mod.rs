@@ -509,18 +509,19 @@ impl Device {
 
     /// Keys in the file-backed key store (None for the TPM backend).
     pub(crate) fn key_files(&self) -> Option<usize> {
-        match self.keystore {
-            Keystore::File => Some(
-                std::fs::read_dir(self.storage.join("keys"))
-                    .map(|d| {
-                        d.filter_map(Result::ok)
-                            .filter(|e| e.file_name().to_string_lossy().ends_with(".pem"))
-                            .count()
-                    })
-                    .unwrap_or(0),
-            ),
-            Keystore::Tpm(_) => None,
-        }
+        let ext = match self.keystore {
+            Keystore::File => ".pem",
+            Keystore::Tpm(_) => ".tpmkey",
+        };
+        Some(
+            std::fs::read_dir(self.storage.join("keys"))
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().ends_with(ext))
+                        .count()
+                })
+                .unwrap_or(0),
+        )
     }
 }
 
