@@ -198,6 +198,7 @@ fn solution(s: String) -> ClientMessage {
     ClientMessage::ChallengeSolution(ChallengeSolution {
         solution: s,
         identity_proof: None,
+        attestation: None,
     })
 }
 

@@ -192,6 +192,7 @@ impl Device {
                 Some(ClientMessage::ChallengeSolution(ChallengeSolution {
                     solution: jws::sign(&key, None, c.document.as_bytes()),
                     identity_proof,
+                    attestation: None,
                 }))
             }
             _ => None,
