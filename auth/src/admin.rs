@@ -415,6 +415,52 @@ mod tests {
     }
 
     #[test]
+    fn attestation_specs_are_validated_and_normalised() {
+        let tpm = |ek_ca_bundle: Option<&str>, ek_allow: Vec<&str>| AttestationSpec {
+            mode: AttestationMode::Tpm,
+            ek_ca_bundle: ek_ca_bundle.map(str::to_string),
+            ek_allow: ek_allow.into_iter().map(str::to_string).collect(),
+        };
+        assert_eq!(
+            validate_attestation(tpm(None, vec![])),
+            Err(AdminError::AttestationWithoutTrust)
+        );
+        assert_eq!(
+            validate_attestation(tpm(Some("  \n"), vec![])),
+            Err(AdminError::AttestationWithoutTrust),
+            "a blank bundle is no bundle"
+        );
+        let upper = "AB".repeat(32);
+        let ok = validate_attestation(tpm(None, vec![&upper, &"ab".repeat(32)])).unwrap();
+        assert_eq!(ok.ek_allow, vec!["ab".repeat(32)], "lower case, once");
+        for bad in ["ab", &"zz".repeat(32), &"ab".repeat(33)] {
+            assert!(matches!(
+                validate_attestation(tpm(None, vec![bad])),
+                Err(AdminError::BadEkHash(_))
+            ));
+        }
+        assert!(matches!(
+            validate_attestation(tpm(Some("not pem"), vec![])),
+            Err(AdminError::BadEkBundle(_))
+        ));
+        // `none` may keep its settings for later.
+        let none = AttestationSpec {
+            mode: AttestationMode::None,
+            ..tpm(None, vec![&upper])
+        };
+        assert!(validate_attestation(none).is_ok());
+        let req = NewBoundKeypairToken {
+            bot_name: "robot".into(),
+            attestation: Some(tpm(None, vec![])),
+            ..Default::default()
+        };
+        assert_eq!(
+            new_bound_keypair_token(req, 0).unwrap_err(),
+            AdminError::AttestationWithoutTrust
+        );
+    }
+
+    #[test]
     fn dot_segments_are_not_names() {
         // A bot name is the last segment of a SPIFFE ID; `.` and `..` are forbidden there.
         for bad in [".", "..", "", "a/b", "a b", &"x".repeat(65)] {

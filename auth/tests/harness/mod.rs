@@ -199,7 +199,7 @@ impl Device {
         }
     }
 
-    fn absorb(&mut self, r: &JoinResult) {
+    pub fn absorb(&mut self, r: &JoinResult) {
         if let Some(id) = self.in_flight.take() {
             self.identity = id;
         }
