@@ -137,6 +137,8 @@ struct Agent {
     send_certificate: bool,
     /// Claim this TPM's EK instead of the one beside the AK.
     claim_ek_of: Option<usize>,
+    /// Send this TPM's EK certificate (with the claimed EK's public area).
+    certificate_of: Option<usize>,
     /// Answer the credential with this instead of what the TPM recovers.
     wrong_secret: bool,
     cert: Option<String>,
@@ -205,6 +207,7 @@ impl Agent {
             attest: Attest::Honest,
             send_certificate: true,
             claim_ek_of: None,
+            certificate_of: None,
             wrong_secret: false,
             cert: None,
             join_state: None,
@@ -239,9 +242,11 @@ impl Agent {
         let claimed = self.claim_ek_of.unwrap_or(*i);
         let claimed_ek = self.tpms[claimed].ek;
         let ek_public = self.tpms[claimed].dev.ek_public(claimed_ek);
+        let cert_tpm = self.certificate_of.unwrap_or(claimed);
+        let cert_ek = self.tpms[cert_tpm].ek;
         let ek_certificate = self
             .send_certificate
-            .then(|| STANDARD.encode(self.tpms[claimed].dev.ek_certificate(claimed_ek)));
+            .then(|| STANDARD.encode(self.tpms[cert_tpm].dev.ek_certificate(cert_ek)));
         let tpm = &mut self.tpms[*i];
         let ak = tpm.ak.clone();
         let mut key_public = blob.tpm2b_public();
@@ -470,6 +475,25 @@ fn an_ek_certificate_from_another_ca_is_refused() {
         ev.error.unwrap().contains("no path"),
         "the chain, not the key, failed"
     );
+    assert_untouched(&w, "tok");
+}
+
+#[test]
+fn an_ek_certificate_of_another_tpm_is_refused() {
+    let w = World::new();
+    let ca = EkCa::new();
+    let mut agent = Agent::new(Tpm::new(&ca, EkKind::Rsa2048, AkKind::EcdsaP256));
+    agent
+        .tpms
+        .push(Tpm::new(&ca, EkKind::Rsa2048, AkKind::EcdsaP256));
+    w.tpm_token("tok", bundle(&ca));
+    // Everything from TPM 1, but the (trusted, genuine) EK certificate of TPM 0.
+    agent.new_keys_in = 1;
+    agent.certificate_of = Some(0);
+    let e = agent.register(&w, "tok").unwrap_err();
+    assert_eq!(e.code, ErrorCode::EkUntrusted);
+    let ev = w.assert_attestation_failed(ErrorCode::EkUntrusted);
+    assert!(ev.error.unwrap().contains("not the EK"));
     assert_untouched(&w, "tok");
 }
 
