@@ -430,7 +430,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
 /// its certificates rather than printed as one long line of PEM.
 fn print_token<T: Serialize>(t: &T) {
     let mut v = serde_json::to_value(t).unwrap_or(Value::Null);
-    if let Some(b) = v.pointer_mut("/spec/bound_keypair/attestation/ek_ca_bundle") {
+    if let Some(b) = v.pointer_mut("/bound_keypair/attestation/ek_ca_bundle") {
         let pem = b.as_str().unwrap_or_default();
         let subjects: Vec<String> = boundkey_auth::attestation::ek::bundle_subjects(pem);
         *b = Value::String(format!(
