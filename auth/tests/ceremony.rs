@@ -1489,17 +1489,7 @@ fn challenges_asking(
 ) -> (Vec<bool>, Option<ErrorCode>) {
     let identity = harness::new_key();
     d.in_flight = Some(identity.clone());
-    let init = ClientMessage::Init(boundkey_proto::Init {
-        token: token.into(),
-        params: boundkey_proto::BotParams {
-            identity_public_key: boundkey_proto::keys::pkix_b64(&p256::PublicKey::from(
-                identity.verifying_key(),
-            )),
-            ttl_secs: 600,
-        },
-        registration_secret: secret.map(str::to_string),
-        join_state: d.join_state.clone(),
-    });
+    let init = d.init(&identity, token, secret);
     let (mut s, mut a) = w.svc.open(d.connection(cert), init, w.now);
     let mut asked = Vec::new();
     loop {

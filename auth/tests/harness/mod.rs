@@ -136,7 +136,7 @@ impl Device {
         }
     }
 
-    fn init(&self, identity: &SigningKey, token: &str, secret: Option<&str>) -> ClientMessage {
+    pub fn init(&self, identity: &SigningKey, token: &str, secret: Option<&str>) -> ClientMessage {
         ClientMessage::Init(Init {
             token: token.into(),
             params: BotParams {
