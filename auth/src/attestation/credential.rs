@@ -124,18 +124,23 @@ fn ecdh_seed<R: RngCore + CryptoRng>(
 ) -> Result<(Vec<u8>, Vec<u8>), CredentialError> {
     macro_rules! agree {
         ($c:ident, $len:expr) => {{
+            use $c::elliptic_curve::sec1::ToEncodedPoint;
             let point = sec1_point(x, y, $len)?;
             let ek = $c::PublicKey::from_sec1_bytes(&point)
                 .map_err(|e| CredentialError::Key(e.to_string()))?;
-            let eph = $c::ecdh::EphemeralSecret::random(rng);
-            let z = eph.diffie_hellman(&ek);
-            let eph_point = $c::EncodedPoint::from(eph.public_key());
-            let (Some(ex), Some(ey)) = (eph_point.x(), eph_point.y()) else {
-                return Err(CredentialError::Key("ephemeral point at infinity".into()));
+            let d = $c::NonZeroScalar::random(rng);
+            let eph = $c::PublicKey::from_secret_scalar(&d).to_encoded_point(false);
+            // Z: the x-coordinate of d·Q_EK. A valid EK on a prime-order curve times a non-zero
+            // scalar is never the point at infinity.
+            let shared = (ek.to_projective() * *d)
+                .to_affine()
+                .to_encoded_point(false);
+            let (Some(ex), Some(ey), Some(z)) = (eph.x(), eph.y(), shared.x()) else {
+                return Err(CredentialError::Key("point at infinity".into()));
             };
             let seed = kdf_e(
                 hash,
-                &z.raw_secret_bytes()[..],
+                &z[..],
                 IDENTITY,
                 &ex[..],
                 &point[1..1 + $len],
