@@ -43,13 +43,17 @@ pub enum EkKind {
     /// ECC P-384 (high-range template: SHA-384 name, AES-256) at 0x81010016, certificate in NV
     /// 0x01c00016.
     EccP384,
+    /// ECC P-256 from the TCG default (low-range) template, made as a transient primary for
+    /// each use; swtpm_setup gives it no certificate.
+    EccP256,
 }
 
 impl EkKind {
-    fn handle(self) -> u32 {
+    fn persistent(self) -> Option<u32> {
         match self {
-            EkKind::Rsa2048 => 0x8101_0001,
-            EkKind::EccP384 => 0x8101_0016,
+            EkKind::Rsa2048 => Some(0x8101_0001),
+            EkKind::EccP384 => Some(0x8101_0016),
+            EkKind::EccP256 => None,
         }
     }
 
@@ -57,6 +61,7 @@ impl EkKind {
         match self {
             EkKind::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
             EkKind::EccP384 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP384),
+            EkKind::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
         }
     }
 }
@@ -122,12 +127,23 @@ impl TpmDevice {
         TpmDevice { ctx }
     }
 
+    /// The EK's handle; pair every call with [`TpmDevice::release_ek`].
     fn ek_handle(&mut self, kind: EkKind) -> KeyHandle {
-        let h = PersistentTpmHandle::new(kind.handle()).unwrap();
+        let Some(handle) = kind.persistent() else {
+            return ek::create_ek_object_2(&mut self.ctx, kind.selection(), None).unwrap();
+        };
+        let h = PersistentTpmHandle::new(handle).unwrap();
         self.ctx
             .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(h)))
             .unwrap()
             .into()
+    }
+
+    /// Flushes a transient EK (a persistent one stays).
+    fn release_ek(&mut self, kind: EkKind, h: KeyHandle) {
+        if kind.persistent().is_none() {
+            self.ctx.flush_context(h.into()).unwrap();
+        }
     }
 
     /// The EK's TPM2B_PUBLIC, as TPM2_ReadPublic returns it.
@@ -137,6 +153,7 @@ impl TpmDevice {
             .ctx
             .execute_without_session(|c| c.read_public(ek))
             .unwrap();
+        self.release_ek(kind, ek);
         tpm2b(&public.marshall().unwrap())
     }
 
@@ -218,6 +235,7 @@ impl TpmDevice {
             None,
         )
         .unwrap();
+        self.release_ek(ek, ek_handle);
         KeyBlob {
             public: r.out_public,
             private: r.out_private,
@@ -234,14 +252,16 @@ impl TpmDevice {
         let handle = match blob.under_ek {
             Some(ekk) => {
                 let ek_handle = self.ek_handle(ekk);
-                ak::load_ak(
+                let h = ak::load_ak(
                     &mut self.ctx,
                     ek_handle,
                     None,
                     blob.private.clone(),
                     blob.public.clone(),
                 )
-                .unwrap()
+                .unwrap();
+                self.release_ek(ekk, ek_handle);
+                h
             }
             None => {
                 let parent = self.primary();
@@ -358,9 +378,11 @@ impl TpmDevice {
         let ak_blob = ak_blob.clone();
         // The AK is loaded with its own policy session first (load_ak), then a fresh one
         // authorises the EK for the activation itself.
-        self.with_loaded(&ak_blob, |ctx, ak_handle| {
+        let out = self.with_loaded(&ak_blob, |ctx, ak_handle| {
             let (hash, sym) = match ek {
-                EkKind::Rsa2048 => (HashingAlgorithm::Sha256, SymmetricDefinition::AES_128_CFB),
+                EkKind::Rsa2048 | EkKind::EccP256 => {
+                    (HashingAlgorithm::Sha256, SymmetricDefinition::AES_128_CFB)
+                }
                 EkKind::EccP384 => (HashingAlgorithm::Sha384, SymmetricDefinition::AES_256_CFB),
             };
             let policy = ctx
@@ -391,7 +413,9 @@ impl TpmDevice {
             })();
             ctx.flush_context(SessionHandle::from(policy).into())?;
             result.map(|d| d.value().to_vec())
-        })
+        });
+        self.release_ek(ek, ek_handle);
+        out
     }
 }
 

@@ -445,6 +445,20 @@ fn an_ecc_p384_ek_and_an_rsa_ak_attest_through_ecdh_credential_activation() {
 }
 
 #[test]
+fn an_ecc_p256_ek_without_a_certificate_attests_through_the_allow_list() {
+    let w = World::new();
+    let ca = EkCa::new();
+    let tpm = Tpm::new(&ca, EkKind::EccP256, AkKind::EcdsaP256);
+    let mut agent = Agent::new(tpm);
+    agent.send_certificate = false;
+    let ek = Public::from_tpm2b(&agent.tpms[0].dev.ek_public(EkKind::EccP256)).unwrap();
+    let hash = ek_rules::spki_hash(&ek_rules::spki_der(&ek).unwrap());
+    w.tpm_token("tok", allow(vec![hash.clone()]));
+    agent.register(&w, "tok").expect("allowed P-256 EK");
+    assert_eq!(w.token("tok").status.ek_identity.unwrap().ek_sha256, hash);
+}
+
+#[test]
 fn an_ek_on_the_allow_list_is_trusted_without_a_certificate() {
     let w = World::new();
     let ca = EkCa::new();
@@ -783,13 +797,14 @@ fn an_attestation_nobody_asked_for_is_a_bad_request() {
 }
 
 /// The service's MakeCredential, checked against a real TPM's ActivateCredential: accepted as
-/// made, refused when tampered with, for both EK types swtpm manufactures.
+/// made, refused when tampered with, for both EK types swtpm manufactures and the TCG default
+/// ECC P-256 EK.
 #[test]
 fn make_credential_is_what_a_real_tpm_activates_and_tampering_is_refused() {
     let ca = EkCa::new();
     let swtpm = Swtpm::manufacture(&ca);
     let mut dev = TpmDevice::connect(&swtpm.tcti());
-    for ek in [EkKind::Rsa2048, EkKind::EccP384] {
+    for ek in [EkKind::Rsa2048, EkKind::EccP384, EkKind::EccP256] {
         let ak = dev.create_ak(ek, AkKind::EcdsaP256);
         let ek_public = Public::from_tpm2b(&dev.ek_public(ek)).unwrap();
         let ak_public = Public::from_tpm2b(&ak.tpm2b_public()).unwrap();
