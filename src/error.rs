@@ -145,6 +145,17 @@ impl AgentError {
             ErrorCode::AccessDenied => format!(
                 "the auth service refused the join (access denied: {server_message}); check the token name and registration secret, or ask an administrator to look at the audit log (boundkeyctl audit ls) for token {token}"
             ),
+            ErrorCode::AttestationRequired
+            | ErrorCode::EkUntrusted
+            | ErrorCode::EkNotAllowed
+            | ErrorCode::AkInvalid
+            | ErrorCode::CertifyInvalid
+            | ErrorCode::AttestationReplayed
+            | ErrorCode::CredentialFailed
+            | ErrorCode::EkChanged => format!(
+                "the auth service refused the key attestation ({}: {server_message}); token {token} requires the bound key to be attested by a TPM the token trusts: ask an administrator to look at the audit log (boundkeyctl audit ls) and at the token's attestation settings (boundkeyctl tokens show {token})",
+                code.as_str()
+            ),
             ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => format!(
                 "the auth service rejected the request ({}: {server_message}); check that boundkeyd and boundkey-authd versions match",
                 code.as_str()

@@ -290,6 +290,9 @@ impl Ceremony {
                     ChallengeSolution {
                         solution,
                         identity_proof,
+                        // This agent cannot attest yet: a token that requires it refuses the
+                        // solution with `attestation_required`, which the operator sees.
+                        attestation: None,
                     },
                 )))
             }
@@ -344,6 +347,7 @@ fn server_msg_name(m: &ServerMessage) -> &'static str {
     match m {
         ServerMessage::RotationRequest(_) => "rotation_request",
         ServerMessage::Challenge(_) => "challenge",
+        ServerMessage::ActivateCredential(_) => "activate_credential",
         ServerMessage::Result(_) => "result",
         ServerMessage::HeartbeatAck(_) => "heartbeat_ack",
         ServerMessage::Error(_) => "error",
@@ -439,6 +443,7 @@ mod tests {
             ServerMessage::Challenge(Challenge {
                 public_key: keys::ssh_public_key(pk),
                 document: doc,
+                attest: false,
             }),
             claims,
         )
@@ -615,6 +620,7 @@ mod tests {
         let ch = ServerMessage::Challenge(Challenge {
             public_key: keys::ssh_public_key(&a.public_key),
             document: "{\"anything\":1}".into(),
+            attest: false,
         });
         assert!(matches!(c.handle(ch, &mut fx), Err(JoinError::Protocol(_))));
         assert!(fx.log.is_empty(), "nothing signed: {:?}", fx.log);

@@ -100,6 +100,7 @@ impl Fixture {
             ClientMessage::ChallengeSolution(ChallengeSolution {
                 solution,
                 identity_proof: None,
+                attestation: None,
             }),
             NOW,
         );

@@ -8,7 +8,10 @@ use boundkey_proto::{JoinMethod, UnixTime};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 
-use crate::model::{BoundKeypairSpec, Onboarding, RecoverySpec, Token, TokenSpec, TokenStatus};
+use crate::model::{
+    AttestationMode, AttestationSpec, BoundKeypairSpec, Onboarding, RecoverySpec, Token, TokenSpec,
+    TokenStatus,
+};
 
 /// Default lifetime of a `token`-method token.
 pub const TOKEN_DEFAULT_TTL_SECS: u64 = 3600;
@@ -33,6 +36,12 @@ pub enum AdminError {
     ZeroJoins,
     #[error("token {0} does not use the bound_keypair join method")]
     NotBoundKeypair(String),
+    #[error("attestation mode tpm needs an EK CA bundle (--ek-ca) or at least one allowed EK hash (--ek-allow)")]
+    AttestationWithoutTrust,
+    #[error("EK hash {0:?} is not 64 hex digits (SHA-256 of the EK's DER SubjectPublicKeyInfo)")]
+    BadEkHash(String),
+    #[error("{0}")]
+    BadEkBundle(String),
 }
 
 /// Checks a bot, token or cluster name. Names appear in certificates, URIs and file names: a bot
@@ -131,6 +140,35 @@ pub fn verify_registration_secret(secret: &str, stored: &str) -> bool {
     bool::from(pbkdf2_sha256(secret, &salt, rounds).ct_eq(hash.as_slice()))
 }
 
+/// Checks and normalises a token's attestation spec: EK hashes become lowercase, the CA bundle
+/// must be PEM certificates, and `tpm` needs something to trust. Writing a spec never touches
+/// the token's recorded EK (that is status).
+pub fn validate_attestation(spec: AttestationSpec) -> Result<AttestationSpec, AdminError> {
+    let mut ek_allow = Vec::with_capacity(spec.ek_allow.len());
+    for h in spec.ek_allow {
+        let h = h.trim().to_ascii_lowercase();
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(AdminError::BadEkHash(h));
+        }
+        if !ek_allow.contains(&h) {
+            ek_allow.push(h);
+        }
+    }
+    let ek_ca_bundle = spec.ek_ca_bundle.filter(|b| !b.trim().is_empty());
+    if let Some(b) = &ek_ca_bundle {
+        crate::attestation::ek::parse_bundle(b)
+            .map_err(|e| AdminError::BadEkBundle(e.to_string()))?;
+    }
+    if spec.mode == AttestationMode::Tpm && ek_ca_bundle.is_none() && ek_allow.is_empty() {
+        return Err(AdminError::AttestationWithoutTrust);
+    }
+    Ok(AttestationSpec {
+        mode: spec.mode,
+        ek_ca_bundle,
+        ek_allow,
+    })
+}
+
 /// 128 random bits as 32 lowercase hex digits: what the server generates when the admin chose
 /// nothing. Hex, not base64url, so a secret never starts with `-` and can be passed as a
 /// command-line value or put in a URI without escaping.
@@ -152,6 +190,8 @@ pub struct NewBoundKeypairToken {
     pub recovery_limit: Option<u32>,
     pub recovery_mode: Option<RecoveryMode>,
     pub expires: Option<UnixTime>,
+    /// Key attestation; none when absent.
+    pub attestation: Option<AttestationSpec>,
 }
 
 /// Builds a bound-keypair token. Returns the token and the registration secret to show once
@@ -179,6 +219,7 @@ pub fn new_bound_keypair_token(
         }
         None => None,
     };
+    let attestation = validate_attestation(req.attestation.unwrap_or_default())?;
     let secret = match (&initial_public_key, req.registration_secret) {
         (Some(_), _) => None,
         (None, Some(s)) if s.chars().count() < MIN_SECRET_CHARS => {
@@ -203,6 +244,7 @@ pub fn new_bound_keypair_token(
                     mode: req.recovery_mode.unwrap_or_default(),
                 },
                 rotate_after: None,
+                attestation,
             }),
             max_joins: None,
         },
@@ -370,6 +412,52 @@ mod tests {
         );
         assert!(new_join_token("robot", None, Some(week), true, 0).is_ok());
         assert!(new_join_token("bad name", None, None, false, 0).is_err());
+    }
+
+    #[test]
+    fn attestation_specs_are_validated_and_normalised() {
+        let tpm = |ek_ca_bundle: Option<&str>, ek_allow: Vec<&str>| AttestationSpec {
+            mode: AttestationMode::Tpm,
+            ek_ca_bundle: ek_ca_bundle.map(str::to_string),
+            ek_allow: ek_allow.into_iter().map(str::to_string).collect(),
+        };
+        assert_eq!(
+            validate_attestation(tpm(None, vec![])),
+            Err(AdminError::AttestationWithoutTrust)
+        );
+        assert_eq!(
+            validate_attestation(tpm(Some("  \n"), vec![])),
+            Err(AdminError::AttestationWithoutTrust),
+            "a blank bundle is no bundle"
+        );
+        let upper = "AB".repeat(32);
+        let ok = validate_attestation(tpm(None, vec![&upper, &"ab".repeat(32)])).unwrap();
+        assert_eq!(ok.ek_allow, vec!["ab".repeat(32)], "lower case, once");
+        for bad in ["ab", &"zz".repeat(32), &"ab".repeat(33)] {
+            assert!(matches!(
+                validate_attestation(tpm(None, vec![bad])),
+                Err(AdminError::BadEkHash(_))
+            ));
+        }
+        assert!(matches!(
+            validate_attestation(tpm(Some("not pem"), vec![])),
+            Err(AdminError::BadEkBundle(_))
+        ));
+        // `none` may keep its settings for later.
+        let none = AttestationSpec {
+            mode: AttestationMode::None,
+            ..tpm(None, vec![&upper])
+        };
+        assert!(validate_attestation(none).is_ok());
+        let req = NewBoundKeypairToken {
+            bot_name: "robot".into(),
+            attestation: Some(tpm(None, vec![])),
+            ..Default::default()
+        };
+        assert_eq!(
+            new_bound_keypair_token(req, 0).unwrap_err(),
+            AdminError::AttestationWithoutTrust
+        );
     }
 
     #[test]

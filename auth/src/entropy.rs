@@ -61,6 +61,28 @@ impl Entropy {
     }
 }
 
+/// An [`Entropy`] as a `rand_core` generator, for APIs that take one (RSA-OAEP, ECDH).
+pub(crate) struct EntropyRng<'a>(pub(crate) &'a Entropy);
+
+impl RngCore for EntropyRng<'_> {
+    fn next_u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.0.bytes())
+    }
+    fn next_u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.0.bytes())
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.0.fill(dest)
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.0.fill(dest);
+        Ok(())
+    }
+}
+
+/// Draws from the same cryptographically secure stream as the [`Entropy`] it wraps.
+impl CryptoRng for EntropyRng<'_> {}
+
 impl Default for Entropy {
     fn default() -> Self {
         Entropy::os()

@@ -12,6 +12,7 @@
 //! * [`model`]: tokens, bots, bot instances, locks, audit events.
 
 pub mod admin;
+pub mod attestation;
 pub mod authority;
 pub mod model;
 pub mod store;

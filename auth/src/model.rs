@@ -55,6 +55,86 @@ pub struct BoundKeypairSpec {
     /// A rotation is due when this is set, not in the future, and later than `last_rotated_at`.
     #[serde(default)]
     pub rotate_after: Option<UnixTime>,
+    /// Whether a new bound key must be proven to live in a TPM (`docs/protocol.md` §5.6).
+    /// Left out of the JSON when it is the default (`mode: none`, nothing configured).
+    #[serde(default, skip_serializing_if = "AttestationSpec::is_default")]
+    pub attestation: AttestationSpec,
+}
+
+/// Which TPMs may hold a token's bound key. Invariant (kept by
+/// [`crate::admin::validate_attestation`]): in `tpm` mode at least one of `ek_ca_bundle` and
+/// `ek_allow` is set, the bundle parses as PEM certificates and every `ek_allow` entry is 64
+/// lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AttestationSpec {
+    pub mode: AttestationMode,
+    /// PEM bundle of EK CA certificates (roots, and intermediates if the TPMs' certificates
+    /// need them). An EK whose certificate chains to a root in it is trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_ca_bundle: Option<String>,
+    /// SHA-256 (lowercase hex) of the DER SubjectPublicKeyInfo of EKs trusted without a
+    /// certificate.
+    #[serde(default)]
+    pub ek_allow: Vec<String>,
+}
+
+impl AttestationSpec {
+    pub fn is_default(&self) -> bool {
+        *self == AttestationSpec::default()
+    }
+
+    pub fn required(&self) -> bool {
+        self.mode == AttestationMode::Tpm
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttestationMode {
+    /// The agent's word on where the key lives is taken.
+    #[default]
+    None,
+    /// Registration and rotation keys must come with a TPM key attestation.
+    Tpm,
+}
+
+impl AttestationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttestationMode::None => "none",
+            AttestationMode::Tpm => "tpm",
+        }
+    }
+}
+
+impl std::str::FromStr for AttestationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(AttestationMode::None),
+            "tpm" => Ok(AttestationMode::Tpm),
+            o => Err(format!("unknown attestation mode {o:?} (none, tpm)")),
+        }
+    }
+}
+
+/// The TPM a bound key was attested in: its EK, and the EK certificate that vouched for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EkIdentity {
+    /// SHA-256 (lowercase hex) of the EK's DER SubjectPublicKeyInfo.
+    pub ek_sha256: String,
+    /// Present when the EK was trusted through its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<EkCertificateInfo>,
+}
+
+/// What identifies an EK certificate to an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EkCertificateInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -118,6 +198,10 @@ pub struct TokenStatus {
     /// by ceremonies only; never by heartbeats.
     #[serde(default)]
     pub redeliverable_identity_key: Option<String>,
+    /// The TPM the bound key was attested in (first attested registration or rotation). A
+    /// rotation attested by another TPM is refused (`ek_changed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_identity: Option<EkIdentity>,
 }
 
 /// Appends `item` to a bounded history, dropping the oldest entries beyond `max`.
@@ -181,6 +265,10 @@ pub struct InstanceStatus {
     pub initial_heartbeat: Option<HeartbeatRecord>,
     #[serde(default)]
     pub latest_heartbeats: Vec<HeartbeatRecord>,
+    /// The TPM holding this instance's bound key, when the key was attested: copied from the
+    /// token when the instance is created, updated by an attested rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_identity: Option<EkIdentity>,
 }
 
 impl BotInstance {
@@ -230,6 +318,7 @@ impl BotInstance {
                 latest_authentications: Vec::new(),
                 initial_heartbeat: None,
                 latest_heartbeats: Vec::new(),
+                ek_identity: None,
             },
             revision: 0,
         }
@@ -336,6 +425,8 @@ pub mod event {
     pub const RECOVERY: &str = "bound_keypair.recovery";
     pub const ROTATION: &str = "bound_keypair.rotation";
     pub const JOIN_STATE_VERIFICATION_FAILED: &str = "bound_keypair.join_state_verification_failed";
+    /// A key attestation was refused; `fields.reason` is the error code sent to the client.
+    pub const ATTESTATION_FAILED: &str = "bound_keypair.attestation_failed";
     pub const GENERATION_MISMATCH: &str = "generation_mismatch";
     pub const LOCK_CREATED: &str = "lock.created";
     pub const LOCK_DELETED: &str = "lock.deleted";

@@ -69,4 +69,6 @@ pub mod messages {
         "the join token has no recoveries left; an administrator must raise its recovery limit";
     pub const CONFLICT: &str = "a concurrent join on this token won the race; retry";
     pub const INTERNAL: &str = "internal error; retry later";
+    pub const ATTESTATION_REFUSED: &str =
+        "the key attestation was refused; an administrator can see why in the audit log";
 }

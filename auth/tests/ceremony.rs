@@ -198,6 +198,7 @@ fn solution(s: String) -> ClientMessage {
     ClientMessage::ChallengeSolution(ChallengeSolution {
         solution: s,
         identity_proof: None,
+        attestation: None,
     })
 }
 
@@ -1458,4 +1459,147 @@ fn wrong_registration_secrets_are_throttled_per_address() {
         matches!(a, Action::Close(ServerMessage::Result(_))),
         "{a:?}"
     );
+}
+
+// ---- Key attestation (protocol.md §5.6): what needs no TPM ----------------------------------
+// The TPM side (valid attestations and every check) is in attest-tests/tests/attestation.rs.
+
+fn tpm_mode() -> boundkey_auth::model::AttestationSpec {
+    boundkey_auth::model::AttestationSpec {
+        mode: boundkey_auth::model::AttestationMode::Tpm,
+        ek_ca_bundle: None,
+        ek_allow: vec!["ab".repeat(32)],
+    }
+}
+
+fn set_attestation(w: &World, name: &str, att: boundkey_auth::model::AttestationSpec) {
+    let t = w.token(name);
+    let mut spec = t.spec.clone();
+    spec.bound_keypair.as_mut().unwrap().attestation = att;
+    w.store.update_token_spec(name, &spec, t.revision).unwrap();
+}
+
+/// Records every server message a device answers, to see which challenges asked to attest.
+fn challenges_asking(
+    w: &World,
+    d: &mut Device,
+    token: &str,
+    secret: Option<&str>,
+    cert: bool,
+) -> (Vec<bool>, Option<ErrorCode>) {
+    let identity = harness::new_key();
+    d.in_flight = Some(identity.clone());
+    let init = d.init(&identity, token, secret);
+    let (mut s, mut a) = w.svc.open(d.connection(cert), init, w.now);
+    let mut asked = Vec::new();
+    loop {
+        match a {
+            Action::Reply(ServerMessage::Challenge(ref c)) => {
+                asked.push(c.attest);
+                let next = d.answer(&ServerMessage::Challenge(c.clone())).unwrap();
+                a = s.handle(next, w.now);
+            }
+            Action::Reply(m) => {
+                let next = d.answer(&m).unwrap();
+                a = s.handle(next, w.now);
+            }
+            Action::Close(ServerMessage::Error(e)) => return (asked, Some(e.code)),
+            Action::Close(ServerMessage::Result(r)) => {
+                d.absorb(&r);
+                return (asked, None);
+            }
+            Action::Close(other) => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn attestation_is_required_of_a_registration_key_and_a_software_key_is_refused_without_a_lock() {
+    let w = World::new();
+    secret_token(&w, "tok", 1, RecoveryMode::Standard);
+    set_attestation(&w, "tok", tpm_mode());
+    // The harness device is a file-backed agent: it ignores `attest`.
+    let (asked, code) = challenges_asking(&w, &mut Device::new(), "tok", Some(SECRET), false);
+    assert_eq!(asked, vec![true]);
+    assert_eq!(code, Some(ErrorCode::AttestationRequired));
+    let evs = w.audit(event::ATTESTATION_FAILED);
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].fields["reason"], "attestation_required");
+    assert_eq!(evs[0].token_name.as_deref(), Some("tok"));
+    let t = w.token("tok");
+    assert!(t.status.bound_public_key.is_none());
+    assert!(
+        t.status.registration_secret_hash.is_some(),
+        "the secret is not used up"
+    );
+    assert!(w.locks().is_empty());
+}
+
+#[test]
+fn attestation_is_required_of_a_pre_registered_key_at_first_join_only() {
+    let w = World::new();
+    let mut d = Device::new();
+    let (t, _) = new_bound_keypair_token(
+        NewBoundKeypairToken {
+            name: Some("pre".into()),
+            bot_name: "robot".into(),
+            initial_public_key: Some(ssh(&d.bound)),
+            attestation: Some(tpm_mode()),
+            ..Default::default()
+        },
+        w.now,
+    )
+    .unwrap();
+    w.add_token(&t);
+    let (asked, code) = challenges_asking(&w, &mut d, "pre", None, false);
+    assert_eq!(
+        (asked, code),
+        (vec![true], Some(ErrorCode::AttestationRequired))
+    );
+}
+
+#[test]
+fn attestation_is_not_asked_of_a_bound_key_but_of_a_rotation_key() {
+    let mut w = World::new();
+    let mut d = registered(&w, 1, RecoveryMode::Standard);
+    // Switched on after registration: renewals prove the bound key as before.
+    set_attestation(&w, "tok", tpm_mode());
+    let (asked, code) = challenges_asking(&w, &mut d, "tok", None, true);
+    assert_eq!((asked, code), (vec![false], None));
+    let before = w.token("tok").status.bound_public_key;
+    // A rotation's new key must be attested; a software key is refused and the old key kept.
+    let t = w.token("tok");
+    let spec = request_rotation(&t, w.now + 1).unwrap();
+    w.store.update_token_spec("tok", &spec, t.revision).unwrap();
+    w.advance(5);
+    let (asked, code) = challenges_asking(&w, &mut d, "tok", None, true);
+    assert_eq!(asked, vec![false, true]);
+    assert_eq!(code, Some(ErrorCode::AttestationRequired));
+    assert_eq!(w.token("tok").status.bound_public_key, before);
+    assert!(w.locks().is_empty());
+}
+
+#[test]
+fn editing_the_attestation_spec_keeps_the_recorded_ek() {
+    let w = World::new();
+    let (mut t, _) = new_bound_keypair_token(
+        NewBoundKeypairToken {
+            name: Some("tok".into()),
+            bot_name: "robot".into(),
+            attestation: Some(tpm_mode()),
+            ..Default::default()
+        },
+        w.now,
+    )
+    .unwrap();
+    // As an attested registration leaves it (status is written by ceremonies only).
+    let ek = boundkey_auth::model::EkIdentity {
+        ek_sha256: "cd".repeat(32),
+        certificate: None,
+    };
+    t.status.ek_identity = Some(ek.clone());
+    w.add_token(&t);
+    set_attestation(&w, "tok", boundkey_auth::model::AttestationSpec::default());
+    set_attestation(&w, "tok", tpm_mode());
+    assert_eq!(w.token("tok").status.ek_identity, Some(ek));
 }

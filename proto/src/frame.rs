@@ -146,6 +146,56 @@ mod tests {
     }
 
     #[test]
+    fn attestation_messages_have_their_documented_shape() {
+        // A challenge without attestation is what it was before the field existed.
+        let plain = ServerMessage::Challenge(Challenge {
+            public_key: "k".into(),
+            document: "d".into(),
+            attest: false,
+        });
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode_frame(&plain).unwrap()[4..]).unwrap();
+        assert!(v.get("attest").is_none(), "{v}");
+        let p = br#"{"v":1,"type":"challenge","public_key":"k","document":"d","attest":true}"#;
+        assert!(matches!(
+            decode_frame::<ServerMessage>(p).unwrap(),
+            ServerMessage::Challenge(Challenge { attest: true, .. })
+        ));
+        let p = br#"{"v":1,"type":"challenge_solution","solution":"x","attestation":{"ek_public":"AA==","ak_public":"AA==","key_public":"AA==","certify_info":"AA==","certify_signature":"AA==","ek_certificate":"AA=="}}"#;
+        let ClientMessage::ChallengeSolution(s) = decode_frame::<ClientMessage>(p).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            s.attestation.unwrap().ek_certificate.as_deref(),
+            Some("AA==")
+        );
+        // Every attestation field but the certificate is required, and no other is accepted.
+        let missing = br#"{"v":1,"type":"challenge_solution","solution":"x","attestation":{"ek_public":"AA==","ak_public":"AA==","key_public":"AA==","certify_info":"AA=="}}"#;
+        assert!(decode_frame::<ClientMessage>(missing).is_err());
+        let extra = br#"{"v":1,"type":"challenge_solution","solution":"x","attestation":{"ek_public":"AA==","ak_public":"AA==","key_public":"AA==","certify_info":"AA==","certify_signature":"AA==","pcrs":1}}"#;
+        assert!(decode_frame::<ClientMessage>(extra).is_err());
+        let p = br#"{"v":1,"type":"activate_credential","credential_blob":"AA==","encrypted_secret":"AA=="}"#;
+        assert_eq!(
+            decode_frame::<ServerMessage>(p).unwrap().kind(),
+            "activate_credential"
+        );
+        let p = br#"{"v":1,"type":"credential_response","secret":"AA=="}"#;
+        assert_eq!(
+            decode_frame::<ClientMessage>(p).unwrap().kind(),
+            "credential_response"
+        );
+        let p = br#"{"v":1,"type":"error","code":"ek_changed","message":"m"}"#;
+        let ServerMessage::Error(e) = decode_frame::<ServerMessage>(p).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (e.code, e.code.as_str()),
+            (ErrorCode::EkChanged, "ek_changed")
+        );
+        assert!(!e.code.is_retryable());
+    }
+
+    #[test]
     fn unknown_fields_inside_a_message_are_refused() {
         let p = br#"{"v":1,"type":"challenge_solution","solution":"x","extra":true}"#;
         assert!(decode_frame::<ClientMessage>(p).is_err());

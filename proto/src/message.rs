@@ -16,6 +16,8 @@ pub enum ClientMessage {
     RotationResponse(RotationResponse),
     /// Answers a [`ServerMessage::Challenge`].
     ChallengeSolution(ChallengeSolution),
+    /// Answers a [`ServerMessage::ActivateCredential`] with the secret the TPM recovered.
+    CredentialResponse(CredentialResponse),
     /// Joins or renews with the `token` join method.
     TokenJoin(TokenJoin),
     /// Reports agent facts on an authenticated (mTLS) connection.
@@ -28,6 +30,9 @@ pub enum ClientMessage {
 pub enum ServerMessage {
     RotationRequest(RotationRequest),
     Challenge(Challenge),
+    /// Asks the device's TPM to prove that the attestation key sits beside the endorsement key
+    /// (TPM2_ActivateCredential); sent after a challenge that required an attestation.
+    ActivateCredential(ActivateCredential),
     Result(JoinResult),
     HeartbeatAck(HeartbeatAck),
     Error(ErrorMessage),
@@ -87,6 +92,15 @@ pub struct Challenge {
     pub public_key: String,
     /// JSON text of the challenge claims; sign it byte for byte.
     pub document: String,
+    /// The solution must carry a TPM key attestation of `public_key` whose qualifying data is
+    /// SHA-256 of `document` (`docs/protocol.md` §5.6). Omitted on the wire when false, so a
+    /// challenge on a token without attestation is byte for byte what it always was.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attest: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +113,55 @@ pub struct ChallengeSolution {
     /// lost after the server committed it (redelivery, `docs/protocol.md` §5.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_proof: Option<String>,
+    /// Proof that the challenged key lives in a TPM; present exactly when the challenge asked
+    /// for it (`attest: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<Attestation>,
+}
+
+/// A TPM key attestation: the TPM's endorsement key (EK), an attestation key (AK) and the
+/// AK's TPM2_Certify of the challenged key. Every field is standard base64 (with padding) of
+/// the bytes named; the TPM structures are in the TPM's own big-endian marshalling
+/// (`docs/protocol.md` §5.6). Only the shape is checked here; the auth service verifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attestation {
+    /// DER X.509 EK certificate (TPM NV index 0x01c00002 for RSA, 0x01c0000a for ECC P-256,
+    /// 0x01c00016 for ECC P-384), when the TPM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_certificate: Option<String>,
+    /// TPM2B_PUBLIC of the EK (size-prefixed, as TPM2_ReadPublic returns it).
+    pub ek_public: String,
+    /// TPM2B_PUBLIC of the AK.
+    pub ak_public: String,
+    /// TPM2B_PUBLIC of the certified (challenged) key.
+    pub key_public: String,
+    /// TPMS_ATTEST from TPM2_Certify: the contents of the returned TPM2B_ATTEST, without its
+    /// size prefix.
+    pub certify_info: String,
+    /// TPMT_SIGNATURE from TPM2_Certify, by the AK over `certify_info`.
+    pub certify_signature: String,
+}
+
+/// The device answers with the secret its TPM recovered from an [`ActivateCredential`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialResponse {
+    /// Standard base64 of the recovered credential (the TPM2B_DIGEST's bytes, no size prefix).
+    pub secret: String,
+}
+
+/// MakeCredential output for the AK named in the attestation, sealed to the EK. Both fields are
+/// standard base64 of the TPM2B's contents, without the size prefix: tss-esapi's
+/// `IdObject::try_from(Vec<u8>)` and `EncryptedSecret::try_from(Vec<u8>)` take them as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivateCredential {
+    /// TPM2B_ID_OBJECT contents: integrity HMAC (as a TPM2B_DIGEST) then the encrypted
+    /// credential.
+    pub credential_blob: String,
+    /// TPM2B_ENCRYPTED_SECRET contents: the seed, RSA-OAEP-encrypted or as an ECC point.
+    pub encrypted_secret: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +247,24 @@ pub enum ErrorCode {
     Timeout,
     /// Server-side failure; retry with backoff.
     Internal,
+    /// The token requires a TPM key attestation and the solution carried none (a key that is
+    /// not in a TPM, e.g. the `file` key store).
+    AttestationRequired,
+    /// The EK certificate does not chain to the token's EK CA bundle, or does not match the EK.
+    EkUntrusted,
+    /// The EK has no certificate the token trusts and its hash is not on the token's allow list.
+    EkNotAllowed,
+    /// The attestation key is not a restricted, fixed signing key of a scheme the service checks.
+    AkInvalid,
+    /// The certification does not verify, names another key, or the key's attributes do not
+    /// make it non-exportable.
+    CertifyInvalid,
+    /// The certification was made for another challenge (replayed).
+    AttestationReplayed,
+    /// Credential activation failed: the AK is not in the TPM the EK belongs to.
+    CredentialFailed,
+    /// A rotation was attested by another TPM than the one the token's key was registered in.
+    EkChanged,
 }
 
 impl ErrorCode {
@@ -205,6 +286,14 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::AttestationRequired => "attestation_required",
+            ErrorCode::EkUntrusted => "ek_untrusted",
+            ErrorCode::EkNotAllowed => "ek_not_allowed",
+            ErrorCode::AkInvalid => "ak_invalid",
+            ErrorCode::CertifyInvalid => "certify_invalid",
+            ErrorCode::AttestationReplayed => "attestation_replayed",
+            ErrorCode::CredentialFailed => "credential_failed",
+            ErrorCode::EkChanged => "ek_changed",
         }
     }
 }
@@ -216,6 +305,7 @@ impl ClientMessage {
             ClientMessage::Init(_) => "init",
             ClientMessage::RotationResponse(_) => "rotation_response",
             ClientMessage::ChallengeSolution(_) => "challenge_solution",
+            ClientMessage::CredentialResponse(_) => "credential_response",
             ClientMessage::TokenJoin(_) => "token_join",
             ClientMessage::Heartbeat(_) => "heartbeat",
         }
@@ -228,6 +318,7 @@ impl ServerMessage {
         match self {
             ServerMessage::RotationRequest(_) => "rotation_request",
             ServerMessage::Challenge(_) => "challenge",
+            ServerMessage::ActivateCredential(_) => "activate_credential",
             ServerMessage::Result(_) => "result",
             ServerMessage::HeartbeatAck(_) => "heartbeat_ack",
             ServerMessage::Error(_) => "error",

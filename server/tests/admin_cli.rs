@@ -421,3 +421,90 @@ fn sigterm_stops_cleanly() {
     });
     assert!(log.contains("SIGTERM"));
 }
+
+#[test]
+fn attestation_flags_are_validated_stored_shown_and_edited_without_touching_status() {
+    let s = Server::start();
+    s.ctl(&["bots", "add", "robot"]);
+    // Any PEM certificate will do as a bundle here: the server's own CA.
+    let bundle = data_path(&s, "ca.pem");
+    let bundle = bundle.to_str().unwrap();
+    let out = s.ctl_raw(&["tokens", "add", "--bot", "robot", "--attestation", "tpm"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--ek-ca"), "{}", stderr(&out));
+    let out = s.ctl_raw(&[
+        "tokens",
+        "add",
+        "--bot",
+        "robot",
+        "--attestation",
+        "tpm",
+        "--ek-allow",
+        "xyz",
+    ]);
+    assert!(stderr(&out).contains("64 hex digits"), "{}", stderr(&out));
+    let hash = "AB".repeat(32);
+    s.ctl(&[
+        "tokens",
+        "add",
+        "--bot",
+        "robot",
+        "--name",
+        "t1",
+        "--attestation",
+        "tpm",
+        "--ek-ca",
+        bundle,
+        "--ek-allow",
+        &hash,
+    ]);
+    let v = s.ctl(&["tokens", "show", "t1"]);
+    let att = &v["bound_keypair"]["attestation"];
+    assert_eq!(att["mode"], "tpm");
+    assert_eq!(att["ek_allow"][0], "ab".repeat(32));
+    assert!(att["ek_ca_bundle"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    // Text output names the bundle's certificates instead of printing the PEM.
+    let text = stdout(&s.ctl_raw(&["tokens", "show", "t1"]));
+    assert!(text.contains("1 certificate(s): "), "{text}");
+    assert!(!text.contains("BEGIN CERTIFICATE"), "{text}");
+    // tpm without anything to trust is refused on edit too; the spec is unchanged.
+    let out = s.ctl_raw(&[
+        "tokens",
+        "edit",
+        "t1",
+        "--ek-ca",
+        "none",
+        "--ek-allow",
+        "none",
+    ]);
+    assert!(!out.status.success());
+    let same = s.ctl(&["tokens", "show", "t1"]);
+    assert_eq!(same["bound_keypair"], v["bound_keypair"]);
+    let v = s.ctl(&[
+        "tokens",
+        "edit",
+        "t1",
+        "--attestation",
+        "none",
+        "--ek-ca",
+        "none",
+        "--ek-allow",
+        "none",
+    ]);
+    assert!(v["bound_keypair"].get("attestation").is_none(), "{v}");
+    assert_eq!(v["registration_secret_pending"], true, "status untouched");
+    let out = s.ctl_raw(&[
+        "tokens",
+        "add",
+        "--bot",
+        "robot",
+        "--join-method",
+        "token",
+        "--attestation",
+        "tpm",
+    ]);
+    assert!(stderr(&out).contains("--attestation"), "{}", stderr(&out));
+}

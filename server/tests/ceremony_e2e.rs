@@ -686,6 +686,7 @@ async fn sigterm_lets_an_in_flight_ceremony_finish() {
         &boundkey_proto::ClientMessage::ChallengeSolution(boundkey_proto::ChallengeSolution {
             solution: boundkey_proto::jws::sign(&k, None, challenge.document.as_bytes()),
             identity_proof: None,
+            attestation: None,
         }),
     )
     .await;

@@ -40,6 +40,7 @@ fn solve(action: &Action, key: &p256::ecdsa::SigningKey) -> ClientMessage {
             ClientMessage::ChallengeSolution(ChallengeSolution {
                 solution: jws::sign(key, None, c.document.as_bytes()),
                 identity_proof: None,
+                attestation: None,
             })
         }
         other => panic!("expected a challenge, got {other:?}"),

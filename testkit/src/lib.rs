@@ -258,21 +258,86 @@ impl Swtpm {
 
     /// Runs a tpm2-tools command against this TPM and panics with its output if it fails.
     pub fn run_tpm2_tool(&self, tool: &str, args: &[&str]) -> String {
-        let out = match self.tpm2_tool(tool).args(args).output() {
-            Ok(o) => o,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                panic!("{tool} is not installed: install it with `apt-get install tpm2-tools`")
-            }
-            Err(e) => panic!("cannot run {tool}: {e}"),
-        };
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        run_or_panic(self.tpm2_tool(tool).args(args), tool, "tpm2-tools")
+    }
+}
+
+/// A local EK CA made with swtpm's own tooling (`swtpm_localca`): a root and an intermediate
+/// ("swtpm-localca") in a temporary directory, created on the first [`Swtpm::manufacture`].
+/// Each test makes its own, so EK certificates of different tests chain to different roots.
+pub struct EkCa {
+    dir: TempDir,
+}
+
+impl EkCa {
+    pub fn new() -> EkCa {
+        let dir = tempfile::tempdir().expect("create EK CA dir");
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("localca.conf"),
+            format!(
+                "statedir = {d}\nsigningkey = {d}/signkey.pem\nissuercert = {d}/issuercert.pem\ncertserial = {d}/certserial\n"
+            ),
+        )
+        .expect("write localca.conf");
+        std::fs::write(
+            dir.path().join("setup.conf"),
+            format!(
+                "create_certs_tool= /usr/bin/swtpm_localca\ncreate_certs_tool_config = {d}/localca.conf\ncreate_certs_tool_options = /etc/swtpm-localca.options\nactive_pcr_banks = sha256\n"
+            ),
+        )
+        .expect("write setup.conf");
+        EkCa { dir }
+    }
+
+    /// The self-signed root (PEM). Exists once a TPM was manufactured with this CA.
+    pub fn root_pem(&self) -> String {
+        self.read("swtpm-localca-rootca-cert.pem")
+    }
+
+    /// The intermediate that signs the EK certificates (PEM).
+    pub fn intermediate_pem(&self) -> String {
+        self.read("issuercert.pem")
+    }
+
+    /// Root and intermediate: what an operator would put in a token's EK CA bundle.
+    pub fn bundle_pem(&self) -> String {
+        self.intermediate_pem() + &self.root_pem()
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name))
+            .unwrap_or_else(|e| panic!("EK CA {name}: {e} (manufacture a TPM with it first)"))
+    }
+}
+
+impl Default for EkCa {
+    fn default() -> Self {
+        EkCa::new()
+    }
+}
+
+impl Swtpm {
+    /// Manufactures a TPM like a vendor does (`swtpm_setup --create-ek-cert`): an RSA 2048 EK at
+    /// 0x81010001 with its certificate in NV 0x01c00002 and an ECC P-384 EK at 0x81010016 with
+    /// its certificate in NV 0x01c00016, both issued by `ca`; then starts it. Takes a second or
+    /// two.
+    pub fn manufacture(ca: &EkCa) -> Swtpm {
+        let state = tempfile::tempdir().expect("create swtpm state dir");
+        run_or_panic(
+            Command::new("swtpm_setup")
+                .arg("--tpm2")
+                .arg("--tpmstate")
+                .arg(state.path())
+                .arg("--create-ek-cert")
+                .arg("--config")
+                .arg(ca.dir.path().join("setup.conf"))
+                .arg("--overwrite")
+                .stdin(Stdio::null()),
+            "swtpm_setup",
+            "swtpm swtpm-tools",
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        Self::launch(StateDir::Owned(state))
     }
 }
 
@@ -290,6 +355,27 @@ impl std::fmt::Debug for Swtpm {
             .field("pid", &self.child.as_ref().and_then(ChildGuard::id))
             .finish()
     }
+}
+
+/// Runs `cmd` (the program `tool`, from the Debian packages `packages`) and returns its stdout;
+/// panics with its output when it fails or is not installed.
+fn run_or_panic(cmd: &mut Command, tool: &str, packages: &str) -> String {
+    let out = match cmd.output() {
+        Ok(o) => o,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            panic!("{tool} is not installed: install it with `apt-get install {packages}`")
+        }
+        Err(e) => panic!("cannot run {tool}: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "{tool} {:?} failed ({}): {}{}",
+        cmd.get_args().collect::<Vec<_>>(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A port `p` from the kernel's free pool such that `p + 1` is free too at this instant. Another

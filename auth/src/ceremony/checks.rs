@@ -4,9 +4,10 @@
 use boundkey_proto::claims::{JoinStateClaims, RecoveryMode};
 use boundkey_proto::{keys, CeremonyKind, ErrorCode, UnixTime};
 
+use crate::attestation::AttestationError;
 use crate::authority::JoinStateError;
 use crate::issue::public_key_pem;
-use crate::model::event;
+use crate::model::{event, EkIdentity};
 use crate::outcome::{messages, Refusal};
 
 use super::context::{Context, Delivery};
@@ -106,6 +107,32 @@ impl Context {
             }
             None => Ok(()),
         }
+    }
+
+    /// A key attested by another TPM than the one the token's key was attested in: the token's
+    /// key material is being used from elsewhere. Refused and the token locked (after the lock
+    /// check, so a locked client retrying makes no second lock). A token without a recorded EK
+    /// (attestation switched on after registration) records the first one it sees.
+    pub(crate) fn check_ek(
+        &self,
+        presented: Option<&EkIdentity>,
+        delivery: Delivery,
+        now: UnixTime,
+    ) -> Result<(), Box<Refusal>> {
+        let (Some(presented), Some(recorded)) = (presented, &self.token.status.ek_identity) else {
+            return Ok(());
+        };
+        if presented.ek_sha256 == recorded.ek_sha256 {
+            return Ok(());
+        }
+        Err(self.deny_attestation(
+            &AttestationError::EkChanged {
+                recorded: recorded.ek_sha256.clone(),
+                presented: presented.ek_sha256.clone(),
+            },
+            delivery,
+            now,
+        ))
     }
 
     fn check_recovery_limit(&self, delivery: Delivery, now: UnixTime) -> Result<(), Box<Refusal>> {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use boundkey_proto::{CeremonyKind, ErrorCode, JoinMethod, ServerMessage, UnixTime};
 
+use crate::attestation::AttestationError;
 use crate::authority::Authority;
 use crate::entropy::Entropy;
 use crate::model::{event, AuditEvent, BotInstance, BoundKeypairSpec, Lock, LockTarget, Token};
@@ -102,6 +103,48 @@ impl Context {
         refuse(vec![ev], None, code, msg, reason)
     }
 
+    /// The automatic `join_token` lock for `cause`, under its deterministic name.
+    fn auto_lock(&self, cause: &str, message: String, now: UnixTime) -> Lock {
+        Lock {
+            name: format!("auto-{cause}-{}", self.token.name),
+            target: LockTarget::JoinToken(self.token.name.clone()),
+            message,
+            expires: None,
+            created_by: format!("boundkey-auth ({cause})"),
+            created_at: now,
+        }
+    }
+
+    /// Refuses a key attestation with its own code and a `bound_keypair.attestation_failed`
+    /// event. Only `ek_changed` locks (`docs/decisions.md`, "Key attestation"): it is the one
+    /// failure that shows the token's key material was used from another TPM; every other one
+    /// proves that no copy was accepted, and must not let a caller get a token locked.
+    pub(crate) fn deny_attestation(
+        &self,
+        e: &AttestationError,
+        delivery: Delivery,
+        now: UnixTime,
+    ) -> Box<Refusal> {
+        let code = e.code();
+        let reason = e.to_string();
+        let lock = matches!(e, AttestationError::EkChanged { .. })
+            .then(|| self.auto_lock("ek-changed", format!("key attestation: {reason}"), now));
+        let mut ev = self
+            .event(event::ATTESTATION_FAILED, false, delivery, now)
+            .field("reason", code.as_str());
+        ev.error = Some(reason.clone());
+        if let Some(l) = &lock {
+            ev = ev.field("lock", l.name.clone());
+        }
+        let mut join = self.event(event::BOT_JOIN, false, delivery, now);
+        join.error = Some(reason.clone());
+        let msg = match code {
+            ErrorCode::BadRequest => "malformed or unexpected key attestation",
+            _ => messages::ATTESTATION_REFUSED,
+        };
+        refuse(vec![ev, join], lock, code, msg, &reason)
+    }
+
     /// Refuses and locks the token: evidence of a second copy of the device.
     pub(crate) fn deny_and_lock(
         &self,
@@ -112,14 +155,7 @@ impl Context {
         delivery: Delivery,
         now: UnixTime,
     ) -> Box<Refusal> {
-        let lock = Lock {
-            name: format!("auto-{cause}-{}", self.token.name),
-            target: LockTarget::JoinToken(self.token.name.clone()),
-            message: lock_message,
-            expires: None,
-            created_by: format!("boundkey-auth ({cause})"),
-            created_at: now,
-        };
+        let lock = self.auto_lock(cause, lock_message, now);
         let mut ev = self.event(event_kind, false, delivery, now);
         ev.error = Some(reason.to_string());
         let ev = ev.field("lock", lock.name.clone());

@@ -6,7 +6,7 @@ use boundkey_proto::claims::JoinStateClaims;
 use boundkey_proto::{keys, CeremonyKind, ErrorCode, JoinMethod, UnixTime};
 
 use crate::issue::{Binding, Issue};
-use crate::model::{event, remember, BotInstance, MAX_KEY_HISTORY};
+use crate::model::{event, remember, BotInstance, EkIdentity, MAX_KEY_HISTORY};
 use crate::outcome::{messages, Step};
 use crate::store::{InstanceWrite, LockGuard, TokenWrite};
 
@@ -20,11 +20,13 @@ pub(crate) enum KeyChange {
     Rotated,
 }
 
-/// The key bound on success, proven in this ceremony.
+/// The key bound on success, proven in this ceremony, and the TPM it was attested in when the
+/// token asked for an attestation.
 #[derive(Debug)]
 pub(crate) struct FinalKey {
     pub(crate) key: p256::PublicKey,
     pub(crate) change: KeyChange,
+    pub(crate) ek: Option<EkIdentity>,
 }
 
 impl Context {
@@ -75,6 +77,21 @@ impl Context {
                 ))
             }
         };
+        let mut status = self.token.status.clone();
+        if let Some(ek) = &bound.ek {
+            status.ek_identity = Some(ek.clone());
+        }
+        let mut instance = instance;
+        // A new instance inherits the TPM of the key it is created with; a continued one
+        // changes TPM only through an attested rotation (which check_ek held to the same EK).
+        match &mut instance {
+            InstanceWrite::Create(i) => i.status.ek_identity = status.ek_identity.clone(),
+            InstanceWrite::Update { instance: i, .. } => {
+                if bound.ek.is_some() {
+                    i.status.ek_identity = bound.ek.clone();
+                }
+            }
+        }
         let (instance_id, generation, previous_instance_id) = match &instance {
             InstanceWrite::Create(i) | InstanceWrite::Update { instance: i, .. } => (
                 i.spec.instance_id.clone(),
@@ -83,7 +100,6 @@ impl Context {
             ),
         };
 
-        let mut status = self.token.status.clone();
         if consumes_recovery {
             status.recovery_count += 1;
             status.last_recovered_at = Some(now);
@@ -120,7 +136,11 @@ impl Context {
         let mut audit = Vec::new();
         let mut join = self.event(event::BOT_JOIN, true, delivery, now);
         join.instance_id = Some(instance_id.clone());
-        audit.push(join.field("generation", generation));
+        let mut join = join.field("generation", generation);
+        if let Some(ek) = &bound.ek {
+            join = join.field("attested_ek_sha256", ek.ek_sha256.clone());
+        }
+        audit.push(join);
         if consumes_recovery {
             let mut ev = self.event(event::RECOVERY, true, delivery, now);
             ev.instance_id = Some(instance_id.clone());

@@ -3,14 +3,19 @@
 //! [`State::Done`].
 
 use crate::admin::verify_registration_secret;
+use crate::attestation::{self, AttestationError};
+use crate::entropy::EntropyRng;
+use crate::model::EkIdentity;
 use crate::outcome::{messages, Refusal, RefusalClass, Step};
+use base64::engine::general_purpose::STANDARD;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use boundkey_proto::claims::{ChallengeClaims, CHALLENGE_NBF_SKEW_SECS, CHALLENGE_TTL_SECS};
 use boundkey_proto::{
-    keys, Challenge, ChallengeSolution, ClientMessage, ErrorCode, RotationReason, RotationRequest,
-    RotationResponse, ServerMessage, UnixTime,
+    keys, ActivateCredential, Challenge, ChallengeSolution, ClientMessage, CredentialResponse,
+    ErrorCode, RotationReason, RotationRequest, RotationResponse, ServerMessage, UnixTime,
 };
+use subtle::ConstantTimeEq;
 
 use super::checks::{Checked, FirstProof, IdentityProof, Proven};
 use super::context::{Context, Delivery};
@@ -22,6 +27,7 @@ use super::proof::check_solution;
 pub(crate) enum State {
     ExpectRotationResponse(ExpectRotationResponse),
     ExpectSolution(ExpectSolution),
+    ExpectCredential(ExpectCredential),
     /// Committed or refused; any further message is refused.
     Done,
 }
@@ -36,12 +42,27 @@ pub(crate) enum ExpectRotationResponse {
     RotationDue(Box<Checked>),
 }
 
-/// A `Challenge` for `key` was sent; the device must sign exactly `claims` with it.
+/// A `Challenge` for `key` was sent; the device must sign exactly `claims` with it, and attest
+/// the key when `attest` is set. Invariant: `document` is the serialisation of `claims` sent.
 #[derive(Debug)]
 pub(crate) struct ExpectSolution {
     key: p256::PublicKey,
     claims: ChallengeClaims,
+    document: String,
+    attest: bool,
     purpose: Purpose,
+}
+
+/// The solution and its attestation verified, and an `ActivateCredential` for the AK was sent:
+/// the device must return `secret`, which only the TPM holding the attested EK can recover.
+/// Invariant: `key` is proven and attested by `ek`; `secret` was drawn for this ceremony.
+#[derive(Debug)]
+pub(crate) struct ExpectCredential {
+    key: p256::PublicKey,
+    identity: IdentityProof,
+    purpose: Purpose,
+    ek: EkIdentity,
+    secret: [u8; 32],
 }
 
 /// Which key a challenge asks the device to prove, and what is established already.
@@ -127,6 +148,17 @@ fn request_rotation(state: ExpectRotationResponse, reason: RotationReason) -> Ne
     )
 }
 
+/// Whether the key a challenge asks for is one being bound now (a registration's, a
+/// pre-registered one on first join, a rotation's) on a token that requires attestation. A key
+/// already bound was attested, if at all, when it was bound.
+fn needs_attestation(ctx: &Context, purpose: &Purpose) -> bool {
+    ctx.spec.attestation.required()
+        && match purpose {
+            Purpose::Registration | Purpose::Rotation(_) => true,
+            Purpose::BoundKey => ctx.previous_key.is_none(),
+        }
+}
+
 fn challenge(ctx: &Context, key: p256::PublicKey, purpose: Purpose, now: UnixTime) -> Next {
     let nonce: [u8; 16] = ctx.entropy.bytes();
     let cluster = ctx.authority.cluster().to_string();
@@ -141,14 +173,18 @@ fn challenge(ctx: &Context, key: p256::PublicKey, purpose: Purpose, now: UnixTim
     };
     // A struct of strings and integers always serialises.
     let document = serde_json::to_string(&claims).unwrap_or_default();
+    let attest = needs_attestation(ctx, &purpose);
     let step = Step::Send(ServerMessage::Challenge(Challenge {
         public_key: keys::ssh_public_key(&key),
-        document,
+        document: document.clone(),
+        attest,
     }));
     (
         State::ExpectSolution(ExpectSolution {
             key,
             claims,
+            document,
+            attest,
             purpose,
         }),
         step,
@@ -162,6 +198,9 @@ impl State {
                 s.handle(ctx, r, now)
             }
             (State::ExpectSolution(s), ClientMessage::ChallengeSolution(m)) => {
+                s.handle(ctx, m, now)
+            }
+            (State::ExpectCredential(s), ClientMessage::CredentialResponse(m)) => {
                 s.handle(ctx, m, now)
             }
             (State::Done, _) => refused(
@@ -201,6 +240,7 @@ impl State {
         match self {
             State::ExpectRotationResponse(_) => "rotation_response",
             State::ExpectSolution(_) => "challenge_solution",
+            State::ExpectCredential(_) => "credential_response",
             State::Done => "nothing",
         }
     }
@@ -214,9 +254,9 @@ impl State {
                 ..
             })
             | State::Done => RefusalClass::Anonymous,
-            State::ExpectSolution(_) | State::ExpectRotationResponse(_) => {
-                RefusalClass::Authenticated
-            }
+            State::ExpectSolution(_)
+            | State::ExpectRotationResponse(_)
+            | State::ExpectCredential(_) => RefusalClass::Authenticated,
         }
     }
 
@@ -227,9 +267,14 @@ impl State {
             | State::ExpectSolution(ExpectSolution {
                 purpose: Purpose::Rotation(c),
                 ..
+            })
+            | State::ExpectCredential(ExpectCredential {
+                purpose: Purpose::Rotation(c),
+                ..
             }) => Some(c.delivery),
             State::ExpectRotationResponse(ExpectRotationResponse::Registration)
-            | State::ExpectSolution(_) => Some(Delivery::Fresh),
+            | State::ExpectSolution(_)
+            | State::ExpectCredential(_) => Some(Delivery::Fresh),
             State::Done => None,
         }
     }
@@ -282,17 +327,25 @@ impl ExpectRotationResponse {
     }
 }
 
+impl Purpose {
+    fn delivery(&self) -> Delivery {
+        match self {
+            Purpose::Rotation(c) => c.delivery,
+            Purpose::BoundKey | Purpose::Registration => Delivery::Fresh,
+        }
+    }
+}
+
 impl ExpectSolution {
     fn handle(self, ctx: &Context, s: ChallengeSolution, now: UnixTime) -> Next {
         let ExpectSolution {
             key,
             claims,
+            document,
+            attest,
             purpose,
         } = self;
-        let delivery = match &purpose {
-            Purpose::Rotation(c) => c.delivery,
-            Purpose::BoundKey | Purpose::Registration => Delivery::Fresh,
-        };
+        let delivery = purpose.delivery();
         // A failed first proof by the bound key means nothing was proven.
         let class = match purpose {
             Purpose::BoundKey => RefusalClass::Anonymous,
@@ -320,51 +373,135 @@ impl ExpectSolution {
             },
             None => IdentityProof::Absent,
         };
-        let first = match purpose {
-            Purpose::Rotation(checked) => {
-                let bound = FinalKey {
-                    key,
-                    change: KeyChange::Rotated,
-                };
-                return (State::Done, ctx.finish(*checked, bound, now));
+        // The attestation is checked once the key is proven (so only a holder of the key learns
+        // why it was refused) and before the locks and stored state are looked at: for a token
+        // that requires it, a key outside a trusted TPM is no proof at all.
+        let attestation = match (attest, s.attestation) {
+            (false, None) => return proven(ctx, key, identity, purpose, None, now),
+            (false, Some(_)) => Err(AttestationError::Unrequested),
+            (true, None) => Err(AttestationError::Missing),
+            (true, Some(a)) => {
+                let policy = attestation::Policy::from_spec(&ctx.spec.attestation);
+                attestation::verify(&policy, &key, &document, &a, now)
             }
-            Purpose::BoundKey => FirstProof::BoundKey,
-            Purpose::Registration => FirstProof::Registration,
         };
-        let checked = match ctx.check(
-            Proven {
-                key,
-                first,
-                identity,
-            },
-            now,
+        let verified = match attestation {
+            Ok(v) => v,
+            Err(e) => return refused(ctx.deny_attestation(&e, delivery, now)),
+        };
+        let secret: [u8; 32] = ctx.entropy.bytes();
+        let made = match attestation::make_credential(
+            &verified.ek_public,
+            &verified.ak_name,
+            &secret,
+            &mut EntropyRng(&ctx.entropy),
         ) {
-            Ok(c) => c,
-            Err(refusal) => return refused(refusal),
+            Ok(m) => m,
+            Err(e) => {
+                let e = AttestationError::EkUnusable(e.to_string());
+                return refused(ctx.deny_attestation(&e, delivery, now));
+            }
         };
-        let rotation_due = ctx.token.rotation_due(now);
-        match first {
-            // A registration makes a fresh key, which satisfies a rotation due at the same time.
-            FirstProof::Registration => {
-                let change = if rotation_due {
-                    KeyChange::Rotated
-                } else {
-                    KeyChange::Kept
-                };
-                let bound = FinalKey { key, change };
-                (State::Done, ctx.finish(checked, bound, now))
+        (
+            State::ExpectCredential(ExpectCredential {
+                key,
+                identity,
+                purpose,
+                ek: verified.ek,
+                secret,
+            }),
+            Step::Send(ServerMessage::ActivateCredential(ActivateCredential {
+                credential_blob: STANDARD.encode(made.credential_blob),
+                encrypted_secret: STANDARD.encode(made.encrypted_secret),
+            })),
+        )
+    }
+}
+
+impl ExpectCredential {
+    fn handle(self, ctx: &Context, r: CredentialResponse, now: UnixTime) -> Next {
+        let ExpectCredential {
+            key,
+            identity,
+            purpose,
+            ek,
+            secret,
+        } = self;
+        let recovered = STANDARD.decode(r.secret.as_bytes()).unwrap_or_default();
+        if !bool::from(recovered.as_slice().ct_eq(&secret)) {
+            let e = AttestationError::Credential(
+                "the secret returned is not the one sealed to the EK for this AK".into(),
+            );
+            return refused(ctx.deny_attestation(&e, purpose.delivery(), now));
+        }
+        proven(ctx, key, identity, purpose, Some(ek), now)
+    }
+}
+
+/// Continues after the challenged key is proven (and attested, with `ek`, when that was asked):
+/// a rotation's new key is bound; a first proof goes through the checks of §5.2.
+fn proven(
+    ctx: &Context,
+    key: p256::PublicKey,
+    identity: IdentityProof,
+    purpose: Purpose,
+    ek: Option<EkIdentity>,
+    now: UnixTime,
+) -> Next {
+    let first = match purpose {
+        Purpose::Rotation(checked) => {
+            // The locks were checked on this ceremony's first proof, so a lock placed here is
+            // the only one this ceremony can create.
+            if let Err(r) = ctx.check_ek(ek.as_ref(), checked.delivery, now) {
+                return refused(r);
             }
-            FirstProof::BoundKey if rotation_due => request_rotation(
-                ExpectRotationResponse::RotationDue(Box::new(checked)),
-                RotationReason::RotationDue,
-            ),
-            FirstProof::BoundKey => {
-                let bound = FinalKey {
-                    key,
-                    change: KeyChange::Kept,
-                };
-                (State::Done, ctx.finish(checked, bound, now))
-            }
+            let bound = FinalKey {
+                key,
+                change: KeyChange::Rotated,
+                ek,
+            };
+            return (State::Done, ctx.finish(*checked, bound, now));
+        }
+        Purpose::BoundKey => FirstProof::BoundKey,
+        Purpose::Registration => FirstProof::Registration,
+    };
+    let checked = match ctx.check(
+        Proven {
+            key,
+            first,
+            identity,
+        },
+        now,
+    ) {
+        Ok(c) => c,
+        Err(refusal) => return refused(refusal),
+    };
+    if let Err(r) = ctx.check_ek(ek.as_ref(), checked.delivery, now) {
+        return refused(r);
+    }
+    let rotation_due = ctx.token.rotation_due(now);
+    match first {
+        // A registration makes a fresh key, which satisfies a rotation due at the same time.
+        FirstProof::Registration => {
+            let change = if rotation_due {
+                KeyChange::Rotated
+            } else {
+                KeyChange::Kept
+            };
+            let bound = FinalKey { key, change, ek };
+            (State::Done, ctx.finish(checked, bound, now))
+        }
+        FirstProof::BoundKey if rotation_due => request_rotation(
+            ExpectRotationResponse::RotationDue(Box::new(checked)),
+            RotationReason::RotationDue,
+        ),
+        FirstProof::BoundKey => {
+            let bound = FinalKey {
+                key,
+                change: KeyChange::Kept,
+                ek,
+            };
+            (State::Done, ctx.finish(checked, bound, now))
         }
     }
 }

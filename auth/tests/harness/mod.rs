@@ -136,7 +136,7 @@ impl Device {
         }
     }
 
-    fn init(&self, identity: &SigningKey, token: &str, secret: Option<&str>) -> ClientMessage {
+    pub fn init(&self, identity: &SigningKey, token: &str, secret: Option<&str>) -> ClientMessage {
         ClientMessage::Init(Init {
             token: token.into(),
             params: BotParams {
@@ -192,13 +192,14 @@ impl Device {
                 Some(ClientMessage::ChallengeSolution(ChallengeSolution {
                     solution: jws::sign(&key, None, c.document.as_bytes()),
                     identity_proof,
+                    attestation: None,
                 }))
             }
             _ => None,
         }
     }
 
-    fn absorb(&mut self, r: &JoinResult) {
+    pub fn absorb(&mut self, r: &JoinResult) {
         if let Some(id) = self.in_flight.take() {
             self.identity = id;
         }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use boundkey_auth::admin::{self as rules, NewBoundKeypairToken};
 use boundkey_auth::authority::{Authority, AuthorityState, CaKind};
-use boundkey_auth::model::{event, AuditEvent, Bot, Lock, LockTarget, Token, TokenSpec};
+use boundkey_auth::model::{
+    event, AttestationSpec, AuditEvent, Bot, Lock, LockTarget, Token, TokenSpec,
+};
 use boundkey_auth::service::Service;
 use boundkey_auth::store::{AuditQuery, StoreError};
 use boundkey_auth::UnixTime;
@@ -232,6 +234,11 @@ impl Handler<'_> {
                         recovery_limit: r.recovery_limit,
                         recovery_mode: r.recovery_mode,
                         expires: r.ttl_secs.map(expires_in),
+                        attestation: Some(AttestationSpec {
+                            mode: r.attestation.unwrap_or_default(),
+                            ek_ca_bundle: r.ek_ca_bundle,
+                            ek_allow: r.ek_allow,
+                        }),
                     },
                     self.now,
                 )?;
@@ -258,6 +265,9 @@ impl Handler<'_> {
                     (r.recovery_limit.is_some(), "--recovery-limit"),
                     (r.recovery_mode.is_some(), "--recovery-mode"),
                     (r.must_register_before.is_some(), "--must-register-before"),
+                    (r.attestation.is_some(), "--attestation"),
+                    (r.ek_ca_bundle.is_some(), "--ek-ca"),
+                    (!r.ek_allow.is_empty(), "--ek-allow"),
                 ];
                 if let Some((_, flag)) = bk_only.iter().find(|(set, _)| *set) {
                     return Err(AdminError::bad_request(format!(
@@ -345,6 +355,9 @@ impl Handler<'_> {
             (r.recovery_mode.is_some(), "recovery_mode"),
             (r.must_register_before.is_some(), "must_register_before"),
             (initial_key.is_some(), "initial_public_key"),
+            (r.attestation.is_some(), "attestation"),
+            (r.ek_ca_bundle.is_some(), "ek_ca_bundle"),
+            (r.ek_allow.is_some(), "ek_allow"),
         ];
         changed.extend(bk_fields.iter().filter(|(s, _)| *s).map(|(_, n)| *n));
         if r.expires.is_some() {
@@ -380,6 +393,19 @@ impl Handler<'_> {
                     if let Some(k) = &initial_key {
                         bk.onboarding.initial_public_key = k.clone();
                     }
+                    // The spec only: the EK a token recorded at registration stays in its
+                    // status whatever the new trust settings are.
+                    let mut att = bk.attestation.clone();
+                    if let Some(m) = r.attestation {
+                        att.mode = m;
+                    }
+                    if let Some(b) = &r.ek_ca_bundle {
+                        att.ek_ca_bundle = b.clone();
+                    }
+                    if let Some(a) = &r.ek_allow {
+                        att.ek_allow = a.clone();
+                    }
+                    bk.attestation = rules::validate_attestation(att)?;
                 }
                 _ => {
                     if let Some((_, f)) = bk_fields.iter().find(|(s, _)| *s) {

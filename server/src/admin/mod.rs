@@ -5,7 +5,7 @@
 //! (`views`). The handler must produce exactly that type and `boundkeyctl` decodes exactly that
 //! type, so the two cannot drift apart.
 
-use boundkey_auth::model::{AuditEvent, Bot, LockTarget};
+use boundkey_auth::model::{AttestationMode, AuditEvent, Bot, LockTarget};
 use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{Endpoint, JoinMethod, UnixTime};
 use serde::de::DeserializeOwned;
@@ -373,6 +373,15 @@ pub struct TokensAdd {
     /// Where the join URI sends agents instead of the listener's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_server: Option<Endpoint>,
+    /// Key attestation (bound keypair): `none` (default) or `tpm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationMode>,
+    /// PEM bundle of trusted EK CA certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_ca_bundle: Option<String>,
+    /// Allowed EK hashes (hex SHA-256 of the EK's DER SubjectPublicKeyInfo).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ek_allow: Vec<String>,
 }
 
 /// Absent field: unchanged. `null`: cleared (for optional fields). Value: set.
@@ -404,6 +413,18 @@ pub struct TokensEdit {
     pub initial_public_key: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_joins: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationMode>,
+    /// `null` removes the bundle.
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ek_ca_bundle: Option<Option<String>>,
+    /// Replaces the whole allow list (an empty list clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

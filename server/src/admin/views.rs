@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use boundkey_auth::model::{
-    BotInstance, InstanceSpec, InstanceStatus, Lock, Token, TokenSpec, TokenStatus,
+    BotInstance, EkIdentity, InstanceSpec, InstanceStatus, Lock, Token, TokenSpec, TokenStatus,
 };
 use boundkey_auth::UnixTime;
 use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
@@ -148,6 +148,9 @@ pub struct TokenStatusView {
     pub last_rotated_at: Option<UnixTime>,
     pub join_count: u32,
     pub registration_secret_pending: bool,
+    /// The TPM the bound key was attested in, when the token requires attestation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_identity: Option<EkIdentity>,
 }
 
 impl From<&TokenStatus> for TokenStatusView {
@@ -164,6 +167,7 @@ impl From<&TokenStatus> for TokenStatusView {
             retired_public_keys: _,
             seen_identity_keys: _,
             redeliverable_identity_key: _,
+            ek_identity,
         } = s;
         TokenStatusView {
             bound_public_key: bound_public_key.clone(),
@@ -173,6 +177,7 @@ impl From<&TokenStatus> for TokenStatusView {
             last_rotated_at: *last_rotated_at,
             join_count: *join_count,
             registration_secret_pending: registration_secret_hash.is_some(),
+            ek_identity: ek_identity.clone(),
         }
     }
 }
@@ -329,6 +334,7 @@ mod tests {
                         mode: RecoveryMode::Relaxed,
                     },
                     rotate_after: None,
+                    attestation: Default::default(),
                 }),
                 max_joins: None,
             },

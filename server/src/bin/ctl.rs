@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use boundkey_auth::admin::{TOKEN_MAX_TTL_SECS, TOKEN_WARN_TTL_SECS};
-use boundkey_auth::model::LockTarget;
+use boundkey_auth::model::{AttestationMode, LockTarget};
 use boundkey_auth::UnixTime;
 use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{Endpoint, EndpointError, JoinMethod};
@@ -123,6 +123,49 @@ struct TokensAddArgs {
     /// HOST:PORT to put in the join URI (default: the server's listener address).
     #[arg(long)]
     auth_server: Option<String>,
+    #[command(flatten)]
+    attestation: AttestationArgs,
+}
+
+/// Key attestation settings of a bound_keypair token (docs/operations.md).
+#[derive(Args)]
+struct AttestationArgs {
+    /// `tpm`: every new bound key must be attested by a trusted TPM; `none`: not checked.
+    #[arg(long)]
+    attestation: Option<AttestationMode>,
+    /// PEM file of trusted EK CA certificates (`none` on edit removes the bundle).
+    #[arg(long, value_name = "FILE", value_parser = parse_optional_string)]
+    ek_ca: Option<Cleared<String>>,
+    /// SHA-256 hex of an allowed EK's DER SubjectPublicKeyInfo; repeatable, replaces the list
+    /// on edit (`none` clears it).
+    #[arg(long, value_name = "HASH")]
+    ek_allow: Vec<String>,
+}
+
+/// What the attestation flags change: the bundle (`Some(None)` removes it) and the allow list,
+/// each `None` when no flag touched it.
+struct AttestationChange {
+    bundle: Option<Option<String>>,
+    allow: Option<Vec<String>>,
+}
+
+impl AttestationArgs {
+    /// Reads the bundle file here, so the server never opens operator-named files.
+    fn change(&self) -> Result<AttestationChange, CtlError> {
+        let bundle = match &self.ek_ca {
+            None => None,
+            Some(Cleared(None)) => Some(None),
+            Some(Cleared(Some(path))) => Some(Some(
+                std::fs::read_to_string(path).map_err(|e| CtlError::EkCa(path.clone(), e))?,
+            )),
+        };
+        let allow = match self.ek_allow.as_slice() {
+            [] => None,
+            [none] if none == "none" => Some(Vec::new()),
+            list => Some(list.to_vec()),
+        };
+        Ok(AttestationChange { bundle, allow })
+    }
 }
 
 #[derive(Args)]
@@ -143,6 +186,8 @@ struct TokensEditArgs {
     initial_public_key: Option<Cleared<String>>,
     #[arg(long)]
     max_joins: Option<u32>,
+    #[command(flatten)]
+    attestation: AttestationArgs,
 }
 
 /// A value, or an explicit `none`.
@@ -381,6 +426,22 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
     }
 }
 
+/// `tokens show` in text mode: `print_kv`, with the EK CA bundle summarised as the subjects of
+/// its certificates rather than printed as one long line of PEM.
+fn print_token<T: Serialize>(t: &T) {
+    let mut v = serde_json::to_value(t).unwrap_or(Value::Null);
+    if let Some(b) = v.pointer_mut("/bound_keypair/attestation/ek_ca_bundle") {
+        let pem = b.as_str().unwrap_or_default();
+        let subjects: Vec<String> = boundkey_auth::attestation::ek::bundle_subjects(pem);
+        *b = Value::String(format!(
+            "{} certificate(s): {}",
+            subjects.len(),
+            subjects.join("; ")
+        ));
+    }
+    print_kv(&v);
+}
+
 /// Prints an aligned table.
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     let rows = escape_rows(rows);
@@ -430,6 +491,8 @@ enum CtlError {
     AuthServer(#[from] EndpointError),
     #[error("give exactly one of --bot, --instance, --join-token")]
     LockTarget,
+    #[error("cannot read --ek-ca {0}: {1}")]
+    EkCa(String, std::io::Error),
 }
 
 struct Ctl {
@@ -599,6 +662,7 @@ impl Ctl {
                     .as_deref()
                     .map(str::parse::<Endpoint>)
                     .transpose()?;
+                let change = a.attestation.change()?;
                 let created = self.call(TokensAdd {
                     bot: a.bot,
                     join_method: Some(a.join_method),
@@ -612,6 +676,9 @@ impl Ctl {
                     ttl_secs: ttl,
                     force: a.force,
                     auth_server,
+                    attestation: a.attestation.attestation,
+                    ek_ca_bundle: change.bundle.flatten(),
+                    ek_allow: change.allow.unwrap_or_default(),
                 })?;
                 self.show(&created, print_token_created);
                 if created.credential.has_secret() {
@@ -663,9 +730,10 @@ impl Ctl {
             }
             TokensCmd::Show { name } => {
                 let t = self.call(admin::TokensShow { name })?;
-                self.show(&t, print_kv);
+                self.show(&t, print_token);
             }
             TokensCmd::Edit(e) => {
+                let change = e.attestation.change()?;
                 let t = self.call(TokensEdit {
                     name: e.name,
                     recovery_limit: e.recovery_limit,
@@ -674,8 +742,11 @@ impl Ctl {
                     expires: e.expires.map(|c| c.0),
                     initial_public_key: e.initial_public_key.map(|c| c.0),
                     max_joins: e.max_joins,
+                    attestation: e.attestation.attestation,
+                    ek_ca_bundle: change.bundle,
+                    ek_allow: change.allow,
                 })?;
-                self.show(&t, print_kv);
+                self.show(&t, print_token);
             }
             TokensCmd::Rm { name } => {
                 let d = self.call(admin::TokensRm { name })?;

@@ -413,6 +413,7 @@ impl Agent {
                         &ClientMessage::ChallengeSolution(ChallengeSolution {
                             solution,
                             identity_proof: None,
+                            attestation: None,
                         }),
                     )
                     .await;
@@ -423,6 +424,7 @@ impl Agent {
                 }
                 ServerMessage::Error(e) => return Err(e),
                 ServerMessage::HeartbeatAck(_) => panic!("unexpected heartbeat_ack"),
+                ServerMessage::ActivateCredential(_) => panic!("unexpected activate_credential"),
             }
         }
     }

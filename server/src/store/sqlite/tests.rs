@@ -41,6 +41,7 @@ fn instance(id: &str, bot: &str, expires: UnixTime) -> BotInstance {
             latest_authentications: vec![],
             initial_heartbeat: None,
             latest_heartbeats: vec![],
+            ek_identity: None,
         },
         revision: 0,
     }
