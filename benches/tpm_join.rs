@@ -41,7 +41,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use boundkey_hal::{Digest, KeyName, KeyStore, TpmConfig, TpmKeyStore};
-use boundkey_testkit::{Swtpm, TpmCommandCounter};
+use boundkey_testkit::{EkCa, Swtpm, TpmCommandCounter};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -290,6 +290,68 @@ fn commands_per_ceremony(
     agent.run(&[]);
     let renewal = relay.take();
     (strip_tcti_probes(join), strip_tcti_probes(renewal))
+}
+
+/// Registrations on a TPM manufactured with EK certificates (`testkit::EkCa`), with and without
+/// key attestation, alternating, each a fresh token and storage directory; and the TPM commands
+/// of one of each through the recording relay.
+struct AttestRuns {
+    plain: Vec<Duration>,
+    attested: Vec<Duration>,
+    plain_commands: Vec<u32>,
+    attested_commands: Vec<u32>,
+}
+
+fn attestation_runs(auth: &AuthServer, dir: &Path) -> AttestRuns {
+    let ca = EkCa::new();
+    let tpm = Swtpm::manufacture(&ca);
+    let bundle = dir.join("ek-ca.pem");
+    std::fs::write(&bundle, ca.bundle_pem()).expect("EK CA bundle");
+    let bundle = bundle.to_str().expect("utf-8 path").to_string();
+    let attest_args = ["--attestation", "tpm", "--ek-ca", bundle.as_str()];
+    let agent = |label: &str, tcti: String| Agent {
+        storage: dir.join(format!("{label}/storage")),
+        destination: outputs_dir(dir).join(label),
+        keystore: vec!["--keystore".into(), "tpm".into(), "--tcti".into(), tcti],
+    };
+    let mut out = AttestRuns {
+        plain: Vec::new(),
+        attested: Vec::new(),
+        plain_commands: Vec::new(),
+        attested_commands: Vec::new(),
+    };
+    for i in 0..=JOINS {
+        for attested in [false, true] {
+            let label = format!("ek-{attested}-{i}");
+            let args: &[&str] = if attested { &attest_args } else { &[] };
+            let token = auth.bot_with_token(&format!("bench-{label}"), args);
+            let d = agent(&label, tpm.tcti()).run(&["--join-uri", &token.join_uri]);
+            // The first pair warms up.
+            if i > 0 {
+                if attested {
+                    &mut out.attested
+                } else {
+                    &mut out.plain
+                }
+                .push(d);
+            }
+        }
+    }
+    let relay = TpmCommandCounter::start(tpm.port());
+    for attested in [false, true] {
+        let label = format!("ek-count-{attested}");
+        let args: &[&str] = if attested { &attest_args } else { &[] };
+        let token = auth.bot_with_token(&format!("bench-{label}"), args);
+        relay.take();
+        agent(&label, relay.tcti()).run(&["--join-uri", &token.join_uri]);
+        let cmds = strip_tcti_probes(relay.take());
+        if attested {
+            out.attested_commands = cmds;
+        } else {
+            out.plain_commands = cmds;
+        }
+    }
+    out
 }
 
 /// The swtpm TCTI's own start-up (it asks the TPM for its properties on every connection set
@@ -602,6 +664,7 @@ fn main() {
         commands_per_ceremony(&auth, &tpm_srk, dir.path(), "srk", &["--tpm-persist-srk"]);
     let (_, srk_renewals) = agent_runs(&auth, dir.path(), "srk", &srk_args);
     let (hal_srk_joins, hal_srk_renewals) = hal_runs(&tpm_srk, dir.path(), "srk", true);
+    let attest = attestation_runs(&auth, dir.path());
 
     println!();
     println!("{:<52} {:>3} {:>10} {:>10}", "", "N", "median", "p90");
@@ -639,6 +702,12 @@ fn main() {
     row("TLS round trip (connect, handshake, 1 frame)", &tls);
     row("two durable state writes (storage disk)", &writes);
 
+    row("registration, TPM with EK certificates", &attest.plain);
+    row(
+        "registration with key attestation (same TPM)",
+        &attest.attested,
+    );
+
     println!();
     println!("TPM commands per ceremony (agent, through a recording relay):");
     for (what, v) in [
@@ -646,6 +715,8 @@ fn main() {
         ("renewal", &count_renewal),
         ("first join, persistent SRK", &srk_count_join),
         ("renewal, persistent SRK", &srk_count_renewal),
+        ("registration (EK TPM)", &attest.plain_commands),
+        ("registration, attested", &attest.attested_commands),
     ] {
         println!(
             "  {what:<28} {:>2}: {}",
@@ -691,6 +762,11 @@ fn main() {
         ms(with_writes),
         median(&tpm_renewals).as_secs_f64() / with_writes.as_secs_f64(),
         median(&daemon.renewals).as_secs_f64() / with_writes.as_secs_f64(),
+    );
+    println!(
+        "key attestation adds {} and {} TPM commands to a registration",
+        ms(median(&attest.attested).saturating_sub(median(&attest.plain))),
+        attest.attested_commands.len() as i64 - attest.plain_commands.len() as i64
     );
     let srk_floor = median(&hal_srk_renewals) + median(&tls);
     println!(

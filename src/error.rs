@@ -145,8 +145,10 @@ impl AgentError {
             ErrorCode::AccessDenied => format!(
                 "the auth service refused the join (access denied: {server_message}); check the token name and registration secret, or ask an administrator to look at the audit log (boundkeyctl audit ls) for token {token}"
             ),
-            ErrorCode::AttestationRequired
-            | ErrorCode::EkUntrusted
+            ErrorCode::AttestationRequired => format!(
+                "the auth service requires a TPM key attestation for token {token} and this device sent none: the bound key must be made in a TPM (--keystore tpm; a storage directory keeps the key store it was made with, so a file-backed device needs a new storage directory and a new token); see `boundkeyctl tokens show {token}`"
+            ),
+            ErrorCode::EkUntrusted
             | ErrorCode::EkNotAllowed
             | ErrorCode::AkInvalid
             | ErrorCode::CertifyInvalid

@@ -19,11 +19,15 @@
 
 use boundkey_proto::claims::ChallengeClaims;
 
-use crate::identity_key::IdentityKey;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use boundkey_hal::KeyAttestation;
 use boundkey_proto::{
-    jws, keys, BotParams, ChallengeSolution, ClientMessage, ErrorCode, Init, JoinMethod,
-    JoinResult, RotationResponse, ServerMessage, TokenJoin,
+    jws, keys, Attestation, BotParams, ChallengeSolution, ClientMessage, CredentialResponse,
+    ErrorCode, Init, JoinMethod, JoinResult, RotationResponse, ServerMessage, TokenJoin,
 };
+
+use crate::identity_key::IdentityKey;
 
 /// Most server messages one ceremony accepts (a registration plus a rotation needs 4).
 const MAX_ROUNDS: usize = 8;
@@ -63,6 +67,20 @@ pub(crate) trait Effects {
     fn mark_uncertain(&mut self) -> Result<(), Self::Error>;
     /// Signs a SHA-256 digest with the named key: 64-byte r‖s.
     fn sign(&mut self, key: &str, digest: &[u8; 32]) -> Result<[u8; 64], Self::Error>;
+    /// Proves that the named key lives in a TPM, for the challenge whose document hashes to
+    /// `qualifying`. `None` when the key store cannot (the auth service then refuses with
+    /// `attestation_required`, which tells the operator more than a local failure would).
+    fn attest(
+        &mut self,
+        key: &str,
+        qualifying: &[u8; 32],
+    ) -> Result<Option<KeyAttestation>, Self::Error>;
+    /// The secret the auth service sealed to this TPM for the last attestation.
+    fn activate_credential(
+        &mut self,
+        credential_blob: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>, Self::Error>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +146,8 @@ pub(crate) struct Ceremony {
     rounds: usize,
     solutions_sent: usize,
     marked_uncertain: bool,
+    /// The last solution carried an attestation: the service may answer with a credential.
+    attestation_sent: bool,
     /// A solution (or the one-shot `token_join`) was sent and no reply has arrived since.
     awaiting_reply_to_commit_candidate: bool,
 }
@@ -164,6 +184,7 @@ impl Ceremony {
                 stage: Stage::Running,
                 rounds: 0,
                 solutions_sent: 0,
+                attestation_sent: false,
                 // Already recorded on disk: nothing to mark again.
                 marked_uncertain: prior_uncertain,
                 awaiting_reply_to_commit_candidate: candidate,
@@ -274,6 +295,18 @@ impl Ceremony {
                 if jws::verify(&solution, &public_key).is_err() {
                     return Err(JoinError::BadSignature(held.name));
                 }
+                // Bound to this challenge: its extraData is the document's hash, so it is worth
+                // this one challenge only.
+                let attestation = if c.attest {
+                    // SHA-256 of the document's bytes as received (`digest` hashes any string).
+                    let qualifying = jws::digest(&c.document);
+                    fx.attest(&held.name, &qualifying)
+                        .map_err(JoinError::Effect)?
+                        .map(|a| wire_attestation(&a))
+                } else {
+                    None
+                };
+                self.attestation_sent = attestation.is_some();
                 if !self.marked_uncertain {
                     fx.mark_uncertain().map_err(JoinError::Effect)?;
                     self.marked_uncertain = true;
@@ -290,9 +323,31 @@ impl Ceremony {
                     ChallengeSolution {
                         solution,
                         identity_proof,
-                        // This agent cannot attest yet: a token that requires it refuses the
-                        // solution with `attestation_required`, which the operator sees.
-                        attestation: None,
+                        attestation,
+                    },
+                )))
+            }
+            ServerMessage::ActivateCredential(a) if bound => {
+                if !std::mem::take(&mut self.attestation_sent) {
+                    return Err(JoinError::Protocol(
+                        "a credential to activate without an attestation before it".into(),
+                    ));
+                }
+                let decode = |what: &str, s: &str| {
+                    STANDARD.decode(s).map_err(|_| {
+                        JoinError::Protocol(format!("activate_credential.{what} is not base64"))
+                    })
+                };
+                let blob = decode("credential_blob", &a.credential_blob)?;
+                let sealed = decode("encrypted_secret", &a.encrypted_secret)?;
+                let secret = fx
+                    .activate_credential(&blob, &sealed)
+                    .map_err(JoinError::Effect)?;
+                // The service commits once the secret checks out.
+                self.awaiting_reply_to_commit_candidate = true;
+                Ok(Step::Send(ClientMessage::CredentialResponse(
+                    CredentialResponse {
+                        secret: STANDARD.encode(&secret),
                     },
                 )))
             }
@@ -343,6 +398,18 @@ impl Ceremony {
     }
 }
 
+/// The wire form of an attestation: every structure in standard base64 (protocol.md §5.6).
+fn wire_attestation(a: &KeyAttestation) -> Attestation {
+    Attestation {
+        ek_certificate: a.ek_certificate.as_ref().map(|c| STANDARD.encode(c)),
+        ek_public: STANDARD.encode(&a.ek_public),
+        ak_public: STANDARD.encode(&a.ak_public),
+        key_public: STANDARD.encode(&a.key_public),
+        certify_info: STANDARD.encode(&a.certify_info),
+        certify_signature: STANDARD.encode(&a.certify_signature),
+    }
+}
+
 fn server_msg_name(m: &ServerMessage) -> &'static str {
     match m {
         ServerMessage::RotationRequest(_) => "rotation_request",
@@ -368,6 +435,8 @@ mod tests {
         log: Vec<String>,
         fail_persist: bool,
         next: usize,
+        /// Stands for a TPM key store (else: a file key store, which cannot attest).
+        attests: bool,
     }
 
     impl Fake {
@@ -400,6 +469,29 @@ mod tests {
         fn mark_uncertain(&mut self) -> Result<(), String> {
             self.log.push("mark".into());
             Ok(())
+        }
+        fn attest(
+            &mut self,
+            key: &str,
+            qualifying: &[u8; 32],
+        ) -> Result<Option<KeyAttestation>, String> {
+            self.log.push(format!("attest {key}"));
+            Ok(self.attests.then(|| KeyAttestation {
+                ek_certificate: None,
+                ek_public: b"ek".to_vec(),
+                ak_public: b"ak".to_vec(),
+                key_public: key.as_bytes().to_vec(),
+                certify_info: qualifying.to_vec(),
+                certify_signature: b"sig".to_vec(),
+            }))
+        }
+        fn activate_credential(&mut self, blob: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
+            self.log.push(format!(
+                "activate {} {}",
+                String::from_utf8_lossy(blob),
+                String::from_utf8_lossy(sealed)
+            ));
+            Ok(b"recovered".to_vec())
         }
         fn sign(&mut self, key: &str, digest: &[u8; 32]) -> Result<[u8; 64], String> {
             self.log.push(format!("sign {key}"));
@@ -664,6 +756,115 @@ mod tests {
             c.uncertain_after_failure(),
             "an earlier lost result stays uncertain"
         );
+    }
+
+    fn attest_challenge_for(pk: &p256::PublicKey) -> (ServerMessage, String) {
+        let (msg, _) = challenge_for(pk);
+        let ServerMessage::Challenge(mut c) = msg else {
+            unreachable!()
+        };
+        c.attest = true;
+        let doc = c.document.clone();
+        (ServerMessage::Challenge(c), doc)
+    }
+
+    fn activate(blob: &[u8], sealed: &[u8]) -> ServerMessage {
+        ServerMessage::ActivateCredential(boundkey_proto::ActivateCredential {
+            credential_blob: STANDARD.encode(blob),
+            encrypted_secret: STANDARD.encode(sealed),
+        })
+    }
+
+    #[test]
+    fn an_attested_challenge_carries_a_certification_of_this_document_then_the_credential() {
+        let mut fx = Fake {
+            attests: true,
+            ..Fake::default()
+        };
+        let a = fx.add("a");
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
+        let (ch, doc) = attest_challenge_for(&a.public_key);
+        let att = match c.handle(ch, &mut fx).unwrap() {
+            Step::Send(ClientMessage::ChallengeSolution(s)) => s.attestation.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        // The certification is made after the signature checks out and before the solution
+        // may commit anything, for exactly this document.
+        assert_eq!(fx.log, vec!["sign a", "attest a", "mark"]);
+        let extra = STANDARD.decode(&att.certify_info).unwrap();
+        assert_eq!(extra, jws::digest(&doc).to_vec());
+        assert_eq!(STANDARD.decode(&att.key_public).unwrap(), b"a");
+        assert!(att.ek_certificate.is_none());
+
+        // The credential is activated and its secret returned, base64.
+        match c.handle(activate(b"blob", b"seed"), &mut fx).unwrap() {
+            Step::Send(ClientMessage::CredentialResponse(r)) => {
+                assert_eq!(STANDARD.decode(r.secret).unwrap(), b"recovered")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fx.log.last().unwrap(), "activate blob seed");
+        assert!(c.uncertain_after_failure(), "the service may commit now");
+        match c
+            .handle(result_naming(Some(&a.public_key)), &mut fx)
+            .unwrap()
+        {
+            Step::Done(o) => assert_eq!(o.bound_key.unwrap().name, "a"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn credentials_are_activated_only_right_after_an_attestation() {
+        // A file key store sends no attestation; a credential then is a protocol violation.
+        let mut fx = Fake::default();
+        let a = fx.add("a");
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
+        let (ch, _) = attest_challenge_for(&a.public_key);
+        match c.handle(ch, &mut fx).unwrap() {
+            Step::Send(ClientMessage::ChallengeSolution(s)) => assert!(s.attestation.is_none()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.handle(activate(b"b", b"s"), &mut fx),
+            Err(JoinError::Protocol(_))
+        ));
+        assert!(!fx.log.iter().any(|l| l.starts_with("activate")));
+
+        // Not twice for one attestation, and not without one asked for.
+        let mut fx = Fake {
+            attests: true,
+            ..Fake::default()
+        };
+        let a = fx.add("a");
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
+        c.handle(attest_challenge_for(&a.public_key).0, &mut fx)
+            .unwrap();
+        c.handle(activate(b"b", b"s"), &mut fx).unwrap();
+        assert!(matches!(
+            c.handle(activate(b"b", b"s"), &mut fx),
+            Err(JoinError::Protocol(_))
+        ));
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
+        c.handle(challenge_for(&a.public_key).0, &mut fx).unwrap();
+        assert!(matches!(
+            c.handle(activate(b"b", b"s"), &mut fx),
+            Err(JoinError::Protocol(_))
+        ));
+        // Garbage is refused before the TPM sees it.
+        let (mut c, _) = Ceremony::start(plan(vec![a.clone()]));
+        c.handle(attest_challenge_for(&a.public_key).0, &mut fx)
+            .unwrap();
+        let bad = ServerMessage::ActivateCredential(boundkey_proto::ActivateCredential {
+            credential_blob: "%%%".into(),
+            encrypted_secret: "AA==".into(),
+        });
+        let before = fx.log.len();
+        assert!(matches!(
+            c.handle(bad, &mut fx),
+            Err(JoinError::Protocol(_))
+        ));
+        assert_eq!(fx.log.len(), before);
     }
 
     #[test]

@@ -37,6 +37,10 @@ impl Histogram {
 pub(crate) struct KeystoreLatency {
     pub(crate) sign: Histogram,
     pub(crate) create_key: Histogram,
+    /// TPM2_Certify by a fresh attestation key (tokens that require key attestation).
+    pub(crate) attest: Histogram,
+    /// TPM2_ActivateCredential of the same ceremony.
+    pub(crate) activate: Histogram,
 }
 
 /// A snapshot of the agent for `/metrics` and `/readyz`. Times are Unix seconds.
@@ -147,6 +151,8 @@ impl Metrics {
         );
         histogram(&mut o, name, "sign", &self.latency.sign);
         histogram(&mut o, name, "create_key", &self.latency.create_key);
+        histogram(&mut o, name, "attest", &self.latency.attest);
+        histogram(&mut o, name, "activate_credential", &self.latency.activate);
         o
     }
 }

@@ -167,6 +167,18 @@ impl Effects for Device {
             .unwrap();
         Ok(sig.normalize_s().unwrap_or(sig).to_bytes().into())
     }
+    /// In-memory keys are software keys: nothing to attest with (the TPM paths are tested
+    /// against swtpm in `tests/attestation.rs`).
+    fn attest(
+        &mut self,
+        _key: &str,
+        _qualifying: &[u8; 32],
+    ) -> Result<Option<boundkey_hal::KeyAttestation>, Infallible> {
+        Ok(None)
+    }
+    fn activate_credential(&mut self, _: &[u8], _: &[u8]) -> Result<Vec<u8>, Infallible> {
+        unreachable!("no attestation was sent, so no credential can be asked for")
+    }
 }
 
 /// Every message of one ceremony, in order, as JSON. A certificate's signature is made with a

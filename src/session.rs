@@ -439,6 +439,36 @@ impl Effects for AgentEffects<'_> {
         self.latency.sign.observe(t.elapsed());
         Ok(sig?.0)
     }
+
+    fn attest(
+        &mut self,
+        key: &str,
+        qualifying: &[u8; 32],
+    ) -> Result<Option<boundkey_hal::KeyAttestation>, AgentError> {
+        let name = KeyName::new(key)?;
+        let t = Instant::now();
+        let r = self.store.attest(&name, qualifying);
+        self.latency.attest.observe(t.elapsed());
+        match r {
+            Ok(a) => Ok(Some(a)),
+            // Sent without one: the auth service's refusal names the requirement.
+            Err(boundkey_hal::HalError::CannotAttest(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn activate_credential(
+        &mut self,
+        credential_blob: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>, AgentError> {
+        let t = Instant::now();
+        let secret = self
+            .store
+            .activate_credential(credential_blob, encrypted_secret);
+        self.latency.activate.observe(t.elapsed());
+        Ok(secret?.to_vec())
+    }
 }
 
 /// Drives one ceremony over one connection. Work that does not depend on the auth service's

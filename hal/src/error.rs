@@ -65,6 +65,12 @@ pub enum HalError {
     InvalidPublicKey,
     #[error("this build has no TPM support (built without the tpm feature)")]
     TpmUnsupported,
+    /// Key attestation needs a TPM.
+    #[error("the {0} key store cannot prove that its keys live in a TPM")]
+    CannotAttest(crate::Backend),
+    /// A credential arrived without an attestation before it in this process.
+    #[error("no key attestation is in progress for this credential")]
+    NoAttestation,
 }
 
 impl HalError {

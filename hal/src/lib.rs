@@ -12,6 +12,7 @@
 #[cfg(all(feature = "tpm", target_env = "musl", target_feature = "crt-static"))]
 compile_error!("the TPM backend needs a dynamically linked build (libtss2 loads its TCTI with dlopen, which a static musl binary cannot do): build a gnu target, or drop the `tpm` feature for musl");
 
+mod attestation;
 mod backend;
 mod config;
 pub mod error;
@@ -24,6 +25,7 @@ mod types;
 
 use std::path::Path;
 
+pub use attestation::KeyAttestation;
 pub use backend::{default_backend, tpm_present, tpm_supported};
 pub use config::{Parent, TpmConfig, DEFAULT_TCTI};
 pub use error::{Absence, AuthTarget, ConfigError, HalError, KeyFault, TpmFault, TpmResponse};
@@ -83,4 +85,26 @@ pub trait KeyStore: Send {
     }
     /// Ends what [`KeyStore::prepare`] began: nothing stays loaded.
     fn release(&mut self) {}
+    /// Proves that key `name` lives in this store's TPM, for one challenge: a TPM2_Certify of it
+    /// by a fresh attestation key under the endorsement key, with `qualifying` (the challenge's
+    /// hash) as its extraData. The store keeps that attestation key for
+    /// [`KeyStore::activate_credential`]. A store without a TPM cannot.
+    fn attest(
+        &mut self,
+        name: &KeyName,
+        qualifying: &[u8; 32],
+    ) -> Result<KeyAttestation, HalError> {
+        let _ = (name, qualifying);
+        Err(HalError::CannotAttest(self.backend()))
+    }
+    /// The secret an auth service sealed (TPM2_MakeCredential) to this TPM's endorsement key for
+    /// the attestation key of the last [`KeyStore::attest`] (TPM2_ActivateCredential).
+    fn activate_credential(
+        &mut self,
+        credential_blob: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, HalError> {
+        let _ = (credential_blob, encrypted_secret);
+        Err(HalError::CannotAttest(self.backend()))
+    }
 }

@@ -32,6 +32,8 @@ pub fn command_name(code: u32) -> &'static str {
         0x0000_017a => "GetCapability",
         0x0000_017b => "GetRandom",
         0x0000_0144 => "Startup",
+        0x0000_0151 => "PolicySecret",
+        0x0000_0171 => "PolicyOR",
         _ => "other",
     }
 }
@@ -48,6 +50,10 @@ struct Seen {
     codes: Vec<u32>,
     last: Vec<u8>,
     resubmissions: usize,
+    /// Every byte sent to the TPM, and every byte it answered, in order (what a probe on the
+    /// TPM bus would record).
+    to_tpm: Vec<u8>,
+    from_tpm: Vec<u8>,
 }
 
 impl TpmCommandCounter {
@@ -95,6 +101,13 @@ impl TpmCommandCounter {
         let mut seen = self.commands.lock().unwrap();
         seen.last.clear();
         std::mem::take(&mut seen.codes)
+    }
+
+    /// Everything the client sent to the TPM and everything the TPM answered, so far: what
+    /// someone sniffing the bus would have.
+    pub fn traffic(&self) -> (Vec<u8>, Vec<u8>) {
+        let seen = self.commands.lock().unwrap();
+        (seen.to_tpm.clone(), seen.from_tpm.clone())
     }
 
     /// How many commands the TSS sent again after the TPM asked it to retry.
@@ -149,6 +162,7 @@ fn relay(client: TcpStream, target: u16, commands: Option<Arc<Mutex<Seen>>>) -> 
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     let (mut c_read, mut s_write) = (client.try_clone()?, server.try_clone()?);
+    let answers = commands.clone();
     let upstream = thread::spawn(move || {
         let mut parser = CommandParser::default();
         let mut buf = [0u8; 4096];
@@ -159,6 +173,7 @@ fn relay(client: TcpStream, target: u16, commands: Option<Arc<Mutex<Seen>>>) -> 
             };
             if let Some(c) = &commands {
                 let mut seen = c.lock().unwrap();
+                seen.to_tpm.extend_from_slice(&buf[..n]);
                 for cmd in parser.feed(&buf[..n]) {
                     if cmd == seen.last {
                         seen.resubmissions += 1;
@@ -175,7 +190,19 @@ fn relay(client: TcpStream, target: u16, commands: Option<Arc<Mutex<Seen>>>) -> 
         let _ = s_write.shutdown(Shutdown::Write);
     });
     let (mut s_read, mut c_write) = (server, client);
-    let _ = io::copy(&mut s_read, &mut c_write);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match s_read.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(c) = &answers {
+            c.lock().unwrap().from_tpm.extend_from_slice(&buf[..n]);
+        }
+        if c_write.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
     let _ = c_write.shutdown(Shutdown::Write);
     let _ = upstream.join();
     Ok(())

@@ -22,6 +22,7 @@
 //! Failures are translated into [`HalError`]s that name the culprit in `error`; TCTI strings are
 //! checked in `tcti`.
 
+mod attest;
 mod blob;
 mod error;
 #[cfg(feature = "fuzzing")]
@@ -41,15 +42,18 @@ use tss_esapi::TctiNameConf;
 pub use blob::{BlobError, KeyBlob, KeyRefusal};
 use error::{to_hal_error, Doing};
 use session::{
-    auth_value, held_transient_primary, key_template, learn_srk, null_ticket, run, run_sessionless,
-    with_loaded_key, with_parent, At, Conn, Fail, ParentPolicy, SessionKind, Stage,
+    auth_value, held_parent, held_transient_primary, key_template, learn_srk, null_ticket, run,
+    run_sessionless, start_hmac_session, with_loaded_key, with_parent, At, Conn, Fail,
+    ParentPolicy, SessionKind, Stage,
 };
 
 use crate::key_dir::KeyDir;
 use crate::{
-    Backend, ConfigError, Digest, HalError, KeyName, KeyStore, Parent, PublicKeyBytes, Signature,
-    TpmConfig, TpmFault,
+    Backend, ConfigError, Digest, HalError, KeyAttestation, KeyName, KeyStore, Parent,
+    PublicKeyBytes, Signature, TpmConfig, TpmFault,
 };
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::traits::Marshall;
 
 const EXT: &str = "tpmkey";
 /// The recorded TPM name of the persistent SRK (hex), beside the key files.
@@ -67,6 +71,10 @@ pub struct TpmKeyStore {
     conn: Option<Conn>,
     policy: ParentPolicy,
     session: SessionKind,
+    /// The endorsement key, once looked for.
+    ek: Option<attest::Ek>,
+    /// The attestation key of the last certification, until its credential is activated.
+    pending_ak: Option<attest::PendingAk>,
 }
 
 impl std::fmt::Debug for TpmKeyStore {
@@ -117,6 +125,8 @@ impl TpmKeyStore {
             cfg,
             tcti,
             conn: None,
+            ek: None,
+            pending_ak: None,
         })
     }
 
@@ -229,9 +239,33 @@ impl KeyStore for TpmKeyStore {
                 .map(|a| a.as_slice())
                 .map(auth_value)
                 .transpose()?;
-            let created = with_parent(conn, parent, policy, |ctx, parent_handle| {
-                ctx.create(parent_handle, template, auth, None, None, None)
-                    .at(Stage::Create)
+            let created = with_parent(conn, parent, policy, |ctx, parent_handle| match &auth {
+                // The new key's auth value is a command parameter: encrypt it under a session
+                // whose key only this process and the TPM know.
+                Some(auth) => {
+                    let salted = attest::start_salted(ctx, parent_handle)?;
+                    let r = ctx
+                        .execute_with_session(Some(salted), |c| {
+                            c.create(
+                                parent_handle,
+                                template.clone(),
+                                Some(auth.clone()),
+                                None,
+                                None,
+                                None,
+                            )
+                        })
+                        .at(Stage::Create);
+                    let flushed = ctx
+                        .flush_context(tss_esapi::handles::SessionHandle::from(salted).into())
+                        .at(Stage::Cleanup);
+                    let r = r?;
+                    flushed?;
+                    Ok(r)
+                }
+                None => ctx
+                    .create(parent_handle, template.clone(), None, None, None, None)
+                    .at(Stage::Create),
             })?;
             // Key creation is rare (a join, a rotation): the moment to find out whether the
             // storage primary could come from the standard SRK handle from now on.
@@ -270,14 +304,42 @@ impl KeyStore for TpmKeyStore {
             let tpm_digest =
                 tss_esapi::structures::Digest::try_from(&digest.0[..]).at(Stage::Sign)?;
             let ticket = null_ticket().at(Stage::Sign)?;
-            with_loaded_key(conn, name, &blob, policy, |ctx, key| {
-                if let Some(a) = key_auth.as_ref().map(|a| a.as_slice()) {
+            let key = conn.key(name, &blob, policy)?;
+            let parent = held_parent(conn);
+            let ctx = &mut conn.ctx;
+            match (key_auth.as_ref().map(|a| a.as_slice()), parent) {
+                // The key's auth is proven by HMAC under a session salted to its parent, so
+                // not even a recording of the bus allows guessing it offline.
+                (Some(a), Some(parent)) => {
                     ctx.tr_set_auth(key.into(), auth_value(a)?)
                         .at(Stage::Sign)?;
+                    let salted = attest::start_salted(ctx, parent)?;
+                    let r = ctx
+                        .execute_with_session(Some(salted), |c| {
+                            c.sign(
+                                key,
+                                tpm_digest.clone(),
+                                SignatureScheme::Null,
+                                ticket.clone(),
+                            )
+                        })
+                        .at(Stage::Sign);
+                    let flushed = ctx
+                        .flush_context(tss_esapi::handles::SessionHandle::from(salted).into())
+                        .at(Stage::Cleanup);
+                    let r = r?;
+                    flushed?;
+                    Ok(r)
                 }
-                ctx.sign(key, tpm_digest, SignatureScheme::Null, ticket)
-                    .at(Stage::Sign)
-            })
+                _ => ctx
+                    .sign(
+                        key,
+                        tpm_digest.clone(),
+                        SignatureScheme::Null,
+                        ticket.clone(),
+                    )
+                    .at(Stage::Sign),
+            }
         });
         let sig = r.map_err(|f| self.fail(f, "sign", Some((name, blob.parent()))))?;
         jws_signature(&sig).ok_or(HalError::Tpm {
@@ -305,6 +367,83 @@ impl KeyStore for TpmKeyStore {
             }
         });
         r.map_err(|f| self.fail(f, "prepare the TPM", key.map(|k| (k, parent))))
+    }
+
+    fn attest(
+        &mut self,
+        name: &KeyName,
+        qualifying: &[u8; 32],
+    ) -> Result<KeyAttestation, HalError> {
+        let blob = self.read_blob(name)?;
+        let key_public = blob
+            .public()
+            .marshall()
+            .map(|p| attest::tpm2b(&p))
+            .map_err(|e| HalError::Tpm {
+                op: "attest a key",
+                fault: TpmFault::UnusableKey(BlobError::PublicMarshal(e)),
+            })?;
+        let key_auth = self.cfg.key_auth.clone();
+        let (policy, ek_cache) = (&mut self.policy, &mut self.ek);
+        let kind = self.session;
+        // tss-esapi's EK and AK helpers bring their own sessions: run without a default one.
+        let r = run_sessionless(&mut self.conn, &self.tcti, |conn| {
+            let ek = match ek_cache {
+                Some(ek) => ek.clone(),
+                None => ek_cache.insert(attest::find_ek(&mut conn.ctx)?).clone(),
+            };
+            // Authorises the parent and the key (an auth value by HMAC, never sent).
+            let session = match kind {
+                SessionKind::Password => AuthSession::Password,
+                SessionKind::Hmac => start_hmac_session(&mut conn.ctx)?,
+            };
+            let certified = (|| {
+                let key = conn.load_unheld(&blob, policy, session)?;
+                let certified = (|| {
+                    if let Some(a) = key_auth.as_ref().map(|a| a.as_slice()) {
+                        conn.ctx
+                            .tr_set_auth(key.into(), auth_value(a)?)
+                            .at(Stage::Certify)?;
+                    }
+                    attest::certify(&mut conn.ctx, &ek, key, session, qualifying)
+                })();
+                let flushed = conn.ctx.flush_context(key.into()).at(Stage::Cleanup);
+                let certified = certified?;
+                flushed?;
+                Ok(certified)
+            })();
+            if kind == SessionKind::Hmac {
+                let _ = conn
+                    .ctx
+                    .flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+            }
+            certified
+        });
+        let c = r.map_err(|f| self.fail(f, "attest a key", Some((name, blob.parent()))))?;
+        self.pending_ak = Some(c.ak);
+        Ok(KeyAttestation {
+            ek_certificate: c.ek_certificate,
+            ek_public: c.ek_public,
+            ak_public: c.ak_public,
+            key_public,
+            certify_info: c.certify_info,
+            certify_signature: c.certify_signature,
+        })
+    }
+
+    fn activate_credential(
+        &mut self,
+        credential_blob: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, HalError> {
+        let (Some(ak), Some(ek)) = (self.pending_ak.take(), self.ek.clone()) else {
+            return Err(HalError::NoAttestation);
+        };
+        let r = run_sessionless(&mut self.conn, &self.tcti, |conn| {
+            conn.release_all()?;
+            attest::activate(&mut conn.ctx, &ek, &ak, credential_blob, encrypted_secret)
+        });
+        r.map_err(|f| self.fail(f, "activate the credential", None))
     }
 
     fn release(&mut self) {

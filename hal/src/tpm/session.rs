@@ -12,7 +12,9 @@
 //!
 //! Sessions: with no auth value configured nothing secret crosses the bus, so commands run in a
 //! password session with the empty password, which costs no TPM command; with an owner or key
-//! auth value they run in an HMAC session, so the value itself is never sent.
+//! auth value they run in an HMAC session, so the value itself is never sent, and the commands
+//! that carry a secret (creating a key with an auth value, signing with it, activating a
+//! credential) use a session salted to a key already in the TPM, with parameter encryption.
 
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::attributes::SessionAttributesBuilder;
@@ -52,6 +54,10 @@ pub(super) enum Stage {
     Sign,
     Query,
     Cleanup,
+    Endorsement,
+    AttestationKey,
+    Certify,
+    Activate,
 }
 
 impl Stage {
@@ -65,6 +71,10 @@ impl Stage {
             Stage::Sign => "signing",
             Stage::Query => "querying the TPM",
             Stage::Cleanup => "flushing handles",
+            Stage::Endorsement => "using the endorsement key",
+            Stage::AttestationKey => "making the attestation key",
+            Stage::Certify => "certifying the key",
+            Stage::Activate => "activating the credential",
         }
     }
 }
@@ -283,7 +293,7 @@ fn with_sessions<T>(
 
 /// An unbound, unsalted HMAC session with parameter encryption (what
 /// `execute_with_nullauth_session` starts), so auth values are proven by HMAC, not sent.
-fn start_hmac_session(ctx: &mut Context) -> Result<AuthSession, Fail> {
+pub(super) fn start_hmac_session(ctx: &mut Context) -> Result<AuthSession, Fail> {
     let session = ctx
         .start_auth_session(
             None,
@@ -371,7 +381,7 @@ impl Conn {
     }
 
     /// The handle of `blob` (key `name`) loaded under its parent, unless it is already held.
-    fn key(
+    pub(super) fn key(
         &mut self,
         name: &KeyName,
         blob: &KeyBlob,
@@ -396,6 +406,35 @@ impl Conn {
             handle,
         });
         Ok(handle)
+    }
+}
+
+impl Conn {
+    /// Loads `blob` for the caller alone (it flushes the handle) and lets its parent go, ending
+    /// any hold first: for operations that need the TPM's few object slots for other keys.
+    /// `session` authorises the parent's creation and use.
+    pub(super) fn load_unheld(
+        &mut self,
+        blob: &KeyBlob,
+        policy: &mut ParentPolicy,
+        session: AuthSession,
+    ) -> Result<KeyHandle, Fail> {
+        self.release_all()?;
+        let ctx = &mut self.ctx;
+        let parent =
+            ctx.execute_with_session(Some(session), |c| load_parent(c, blob.parent(), policy))?;
+        let key = ctx
+            .execute_with_session(Some(session), |c| {
+                c.load(parent.handle, blob.private().clone(), blob.public().clone())
+            })
+            .at(Stage::Load);
+        let released = release_parent(&mut self.ctx, parent);
+        let key = key?;
+        if let Err(mut e) = released {
+            e.leaked = true;
+            return Err(e);
+        }
+        Ok(key)
     }
 }
 
@@ -534,6 +573,11 @@ pub(super) fn learn_srk(ctx: &mut Context, primary: KeyHandle, persist: bool) ->
         }
         Err(_) => None,
     }
+}
+
+/// The parent `conn` holds now (after `with_parent` or `with_loaded_key` it is the one in use).
+pub(super) fn held_parent(conn: &Conn) -> Option<KeyHandle> {
+    conn.held.parent.map(|p| p.handle)
 }
 
 /// The parent `conn` holds now, if it is a transient primary (just made from the template).
