@@ -6,7 +6,7 @@ CVE_PRODUCT = "boundkey"
 SECTION = "security"
 LICENSE = "Apache-2.0"
 # The workspace's `license = "Apache-2.0"` line (scripts/yocto-check.sh checks it).
-LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=72;endline=72;md5=2507bd5f0713f05419cd2f22fa06fe62"
+LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=74;endline=74;md5=2507bd5f0713f05419cd2f22fa06fe62"
 
 # The source: this repository. BOUNDKEY_GIT_URI and SRCREV are placeholders to set in your
 # distro or local.conf (SRCREV: the commit this layer was taken from, because the crates
