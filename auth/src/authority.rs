@@ -6,6 +6,12 @@
 //! signed keep verifying until then, while everything new is signed by the new key. That is what
 //! lets an agent renew straight through a rotation.
 //!
+//! With several auth service processes on one store, a rotation is *staged*: the new key is
+//! trusted at once but signs only from `signs_from`, a delay after the rotation long enough for
+//! every process to have read the new state. Until then the previous key keeps signing. So no
+//! process ever meets a certificate or join-state document signed by a key it does not know yet
+//! (which it would take for a forgery and lock the token over).
+//!
 //! Certificate profile (RFC 5280 and the SPIFFE X509-SVID specification; `docs/protocol.md`
 //! lists it): every certificate carries a Subject Key Identifier, every issued one an Authority
 //! Key Identifier equal to its CA's SKI; CAs are `cA=true` with keyCertSign and cRLSign, leaves
@@ -153,12 +159,26 @@ pub struct CaKeyState {
     pub active: bool,
     #[serde(default)]
     pub trusted_until: Option<UnixTime>,
+    /// A staged key signs only from this time on; before it, it is trusted but the previous
+    /// key signs. None: from its creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signs_from: Option<UnixTime>,
 }
 
 impl CaKeyState {
     fn trusted(&self, now: UnixTime) -> bool {
         self.active || self.trusted_until.is_some_and(|t| now < t)
     }
+
+    fn signs(&self, now: UnixTime) -> bool {
+        self.trusted(now) && self.signs_from.is_none_or(|t| t <= now)
+    }
+}
+
+/// The key that signs at `now`: the newest trusted key whose signing has begun. During a staged
+/// rotation that is the previous key (retired, but trusted past the new key's `signs_from`).
+fn signing_key<K>(keys: &[K], state: impl Fn(&K) -> &CaKeyState, now: UnixTime) -> Option<&K> {
+    keys.iter().rev().find(|k| state(k).signs(now))
 }
 
 /// Everything the auth service persists about its CAs.
@@ -210,6 +230,7 @@ fn new_ca(
         created_at: now,
         active: true,
         trusted_until: None,
+        signs_from: None,
     })
 }
 
@@ -238,21 +259,29 @@ impl AuthorityState {
         })
     }
 
-    /// Makes a new active key of `kind`; the previous active key stays trusted for `grace_secs`.
-    /// Keys whose grace period has ended are dropped.
+    /// Makes a new active key of `kind`, trusted at once and signing after `delay_secs` (the
+    /// time every auth service process sharing the store needs to read the new state; 0 for a
+    /// single process). The previous active key keeps signing until then and stays trusted for
+    /// `grace_secs` after it. Keys whose grace period has ended are dropped.
     pub fn rotate(
         &mut self,
         kind: CaKind,
         grace_secs: u64,
+        delay_secs: u64,
         now: UnixTime,
     ) -> Result<String, AuthorityError> {
         let (list, purpose, spiffe_id) = match kind {
             CaKind::Identity => (&mut self.identity, "identity", Some(td_id(&self.cluster)?)),
             CaKind::JoinState => (&mut self.join_state, "join-state", None),
         };
-        let fresh = new_ca(&self.cluster, purpose, spiffe_id, now)?;
+        let mut fresh = new_ca(&self.cluster, purpose, spiffe_id, now)?;
         let kid = fresh.kid.clone();
-        let until = now.saturating_add(i64::try_from(grace_secs).unwrap_or(i64::MAX));
+        let secs = |s: u64| i64::try_from(s).unwrap_or(i64::MAX);
+        let starts = now.saturating_add(secs(delay_secs));
+        if delay_secs > 0 {
+            fresh.signs_from = Some(starts);
+        }
+        let until = starts.saturating_add(secs(grace_secs));
         for k in list.iter_mut().filter(|k| k.active) {
             k.active = false;
             k.trusted_until = Some(until);
@@ -434,11 +463,8 @@ impl Authority {
         Ok((vec![cert.der().clone(), self.tls.cert_der.clone()], key_der))
     }
 
-    fn active_identity(&self) -> Result<&LoadedCa, AuthorityError> {
-        self.identity
-            .iter()
-            .rev()
-            .find(|k| k.state.active)
+    fn signing_identity(&self, now: UnixTime) -> Result<&LoadedCa, AuthorityError> {
+        signing_key(&self.identity, |k| &k.state, now)
             .ok_or(AuthorityError::NoActiveKey("identity"))
     }
 
@@ -476,7 +502,7 @@ impl Authority {
         serial: Option<[u8; 16]>,
         now: UnixTime,
     ) -> Result<IssuedIdentity, AuthorityError> {
-        let ca = self.active_identity()?;
+        let ca = self.signing_identity(now)?;
         let mut params = CertificateParams::default();
         params.serial_number = serial.map(|s| rcgen::SerialNumber::from_slice(&s));
         let mut dn = DistinguishedName::new();
@@ -628,17 +654,14 @@ impl Authority {
         Ok(Jwks { keys })
     }
 
-    fn active_join_state(&self) -> Result<&LoadedJoinStateKey, AuthorityError> {
-        self.join_state
-            .iter()
-            .rev()
-            .find(|k| k.state.active)
-            .ok_or(AuthorityError::NoActiveKey("join-state"))
-    }
-
-    /// Signs a join-state document with the active join-state key.
-    pub fn sign_join_state(&self, claims: &JoinStateClaims) -> Result<String, AuthorityError> {
-        let key = self.active_join_state()?;
+    /// Signs a join-state document with the join-state key that signs at `now`.
+    pub fn sign_join_state(
+        &self,
+        claims: &JoinStateClaims,
+        now: UnixTime,
+    ) -> Result<String, AuthorityError> {
+        let key = signing_key(&self.join_state, |k| &k.state, now)
+            .ok_or(AuthorityError::NoActiveKey("join-state"))?;
         let payload = serde_json::to_vec(claims).map_err(|_| AuthorityError::Time)?;
         Ok(jws::sign(&key.signing, Some(&key.state.kid), &payload))
     }
@@ -812,7 +835,7 @@ mod tests {
         let mut st = AuthorityState::generate("c1", NOW).unwrap();
         let old = Authority::load(&st).unwrap();
         let cert = old.issue_identity(&claims(), &id_key(), 7200, NOW).unwrap();
-        st.rotate(CaKind::Identity, 600, NOW + 1).unwrap();
+        st.rotate(CaKind::Identity, 600, 0, NOW + 1).unwrap();
         let a = Authority::load(&st).unwrap();
         assert_eq!(a.identity_roots(NOW + 2).len(), 2);
         assert!(a
@@ -845,17 +868,91 @@ mod tests {
             recovery_limit: 1,
             recovery_mode: Default::default(),
         };
-        let doc = a.sign_join_state(&c).unwrap();
+        let doc = a.sign_join_state(&c, NOW).unwrap();
         assert_eq!(a.verify_join_state(&doc, NOW).unwrap(), c);
-        st.rotate(CaKind::JoinState, 100, NOW).unwrap();
+        st.rotate(CaKind::JoinState, 100, 0, NOW).unwrap();
         let b = Authority::load(&st).unwrap();
         assert!(b.verify_join_state(&doc, NOW + 99).is_ok());
         assert!(matches!(
             b.verify_join_state(&doc, NOW + 100),
             Err(JoinStateError::UnknownKey(_))
         ));
-        let doc2 = b.sign_join_state(&c).unwrap();
+        let doc2 = b.sign_join_state(&c, NOW).unwrap();
         assert!(b.verify_join_state(&doc2, NOW + 100).is_ok());
+    }
+
+    #[test]
+    fn a_staged_rotation_trusts_the_new_keys_at_once_and_signs_with_them_after_the_delay() {
+        let mut st = AuthorityState::generate("c1", NOW).unwrap();
+        let old_id = st.identity[0].kid.clone();
+        let old_js = st.join_state[0].kid.clone();
+        let new_id = st.rotate(CaKind::Identity, 600, 30, NOW).unwrap();
+        let new_js = st.rotate(CaKind::JoinState, 600, 30, NOW).unwrap();
+        let a = Authority::load(&st).unwrap();
+        let issuer_kid = |pem: &str| {
+            use x509_parser::prelude::*;
+            let der = der_of(pem);
+            let (_, c) = X509Certificate::from_der(der.as_ref()).unwrap();
+            let aki = c
+                .extensions()
+                .iter()
+                .find_map(|e| match e.parsed_extension() {
+                    ParsedExtension::AuthorityKeyIdentifier(k) => k.key_identifier.clone(),
+                    _ => None,
+                })
+                .unwrap();
+            [&old_id, &new_id]
+                .into_iter()
+                .find(|kid| {
+                    let ca = st.identity.iter().find(|k| &&k.kid == kid).unwrap();
+                    let cder = der_of(&ca.cert_pem);
+                    let (_, cc) = X509Certificate::from_der(cder.as_ref()).unwrap();
+                    cc.extensions().iter().any(|e| {
+                        matches!(e.parsed_extension(), ParsedExtension::SubjectKeyIdentifier(s) if s.0 == aki.0)
+                    })
+                })
+                .unwrap()
+                .clone()
+        };
+        let kid_of = |doc: &str| jws::parse(doc).unwrap().header.kid.unwrap();
+        let c = JoinStateClaims {
+            iss: "c1".into(),
+            aud: "c1".into(),
+            sub: "robot".into(),
+            iat: NOW,
+            nbf: NOW,
+            instance_id: "i-1".into(),
+            recovery_sequence: 1,
+            recovery_limit: 1,
+            recovery_mode: Default::default(),
+        };
+        // During the delay: both trusted (every process learns the new keys before they are
+        // used), the old ones still sign.
+        assert_eq!(a.identity_roots(NOW + 29).len(), 2);
+        let cert = a
+            .issue_identity(&claims(), &id_key(), 3600, NOW + 29)
+            .unwrap();
+        assert_eq!(issuer_kid(&cert.certificate_pem), old_id);
+        let doc = a.sign_join_state(&c, NOW + 29).unwrap();
+        assert_eq!(kid_of(&doc), old_js);
+        // From the delay on, the new ones sign; the old ones verify for the grace period after.
+        let cert2 = a
+            .issue_identity(&claims(), &id_key(), 3600, NOW + 30)
+            .unwrap();
+        assert_eq!(issuer_kid(&cert2.certificate_pem), new_id);
+        let doc2 = a.sign_join_state(&c, NOW + 30).unwrap();
+        assert_eq!(kid_of(&doc2), new_js);
+        assert!(a.verify_join_state(&doc, NOW + 629).is_ok());
+        assert!(a.verify_join_state(&doc, NOW + 630).is_err());
+        assert!(a.verify_join_state(&doc2, NOW + 630).is_ok());
+        assert!(a
+            .verify_identity(&[der_of(&cert.certificate_pem)], NOW + 629)
+            .is_ok());
+        assert_eq!(a.identity_roots(NOW + 630).len(), 1);
+        // The state round-trips through the store's JSON with the stage.
+        let back: AuthorityState =
+            serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        assert_eq!(back, st);
     }
 
     /// The extensions of one certificate that the profile is about.
@@ -1038,7 +1135,7 @@ mod tests {
             recovery_limit: 1,
             recovery_mode: Default::default(),
         };
-        let doc = a.sign_join_state(&c).unwrap();
+        let doc = a.sign_join_state(&c, NOW).unwrap();
         let jwks = a.join_state_jwks(NOW);
         assert_eq!(jwks.keys.len(), 1);
         let json = serde_json::to_value(&jwks).unwrap();
@@ -1051,7 +1148,7 @@ mod tests {
             c
         );
 
-        st.rotate(CaKind::JoinState, 100, NOW).unwrap();
+        st.rotate(CaKind::JoinState, 100, 0, NOW).unwrap();
         let b = Authority::load(&st).unwrap();
         let during = b.join_state_jwks(NOW + 50);
         assert_eq!(
@@ -1060,7 +1157,7 @@ mod tests {
             "the old key is exported while trusted"
         );
         assert!(verify_with_jwks(&during, &doc).is_some());
-        assert!(verify_with_jwks(&during, &b.sign_join_state(&c).unwrap()).is_some());
+        assert!(verify_with_jwks(&during, &b.sign_join_state(&c, NOW).unwrap()).is_some());
         let after = b.join_state_jwks(NOW + 100);
         assert_eq!(after.keys.len(), 1);
         assert!(verify_with_jwks(&after, &doc).is_none());

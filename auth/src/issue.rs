@@ -97,7 +97,7 @@ impl Issue<'_> {
         let join_state = match &binding {
             Some(b) => Some(
                 authority
-                    .sign_join_state(&b.join_state)
+                    .sign_join_state(&b.join_state, now)
                     .map_err(IssueError::JoinState)?,
             ),
             None => None,

@@ -496,7 +496,7 @@ fn signed_join_state(w: &World, instance_id: &str, recovery_sequence: u32) -> St
         recovery_mode: RecoveryMode::Standard,
     };
     let a = boundkey_auth::authority::Authority::load(&w.state).unwrap();
-    a.sign_join_state(&claims).unwrap()
+    a.sign_join_state(&claims, w.now).unwrap()
 }
 
 fn join_state_refusal(w: &World, d: &mut Device) {

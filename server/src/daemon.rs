@@ -26,6 +26,11 @@ use crate::workers::Workers;
 /// must drop the old identity CA from the trust store.
 const VERIFIER_REFRESH: Duration = Duration::from_secs(60);
 
+/// How often the CA state is read back from the store, so that a rotation made through another
+/// auth service process sharing the store reaches this one without a restart. A staged rotation
+/// (`--ca-rotation-delay`) must give every process at least this long, plus clock skew.
+pub const AUTHORITY_REFRESH: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub data_dir: PathBuf,
@@ -40,6 +45,10 @@ pub struct Options {
     pub max_pending_per_address: usize,
     pub instance_retention: Duration,
     pub purge_interval: Duration,
+    /// How long after `ca rotate` the new keys begin to sign (they are trusted at once); see
+    /// `boundkey_auth::authority`. Several processes on one store need at least two
+    /// [`AUTHORITY_REFRESH`] periods.
+    pub ca_rotation_delay: Duration,
     pub service: ServiceConfig,
 }
 
@@ -112,12 +121,13 @@ fn lock_data_dir(dir: &Path) -> Result<DirLock, StartError> {
     })
 }
 
+/// The CA state and its store revision, made on the very first start.
 fn load_or_create_authority(
     store: &Arc<dyn Store>,
     cluster: &str,
     dir: &Path,
-) -> Result<AuthorityState, StartError> {
-    if let Some((state, _)) = store.load_authority()? {
+) -> Result<(AuthorityState, u64), StartError> {
+    if let Some((state, rev)) = store.load_authority()? {
         if state.cluster != cluster {
             return Err(StartError::ClusterMismatch {
                 dir: dir.to_path_buf(),
@@ -125,7 +135,7 @@ fn load_or_create_authority(
                 requested: cluster.into(),
             });
         }
-        return Ok(state);
+        return Ok((state, rev));
     }
     let state = AuthorityState::generate(cluster, crate::now())?;
     match store.save_authority(&state, None) {
@@ -134,7 +144,8 @@ fn load_or_create_authority(
                 cluster,
                 "first start: created the TLS, identity and join-state CAs"
             );
-            Ok(state)
+            // Revisions are the store's: 1 on creation (Store::save_authority).
+            Ok((state, 1))
         }
         // Another process sharing the database initialised it first: use theirs.
         Err(StoreError::AlreadyExists(_)) => load_or_create_authority(store, cluster, dir),
@@ -187,7 +198,7 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     };
     let store = crate::store::crash::wrap(store);
     tracing::info!(%storage, "store opened");
-    let state = {
+    let (state, authority_revision) = {
         let (store, cluster, dir) = (store.clone(), opts.cluster.clone(), dir.clone());
         tokio::task::spawn_blocking(move || load_or_create_authority(&store, &cluster, &dir))
             .await??
@@ -227,6 +238,7 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
             let verifier = verifier.clone();
             Box::new(move |a: &Arc<Authority>| verifier.reload(a, crate::now()))
         },
+        ca_rotation_delay: opts.ca_rotation_delay,
     });
     let admin_task = tokio::spawn(socket::serve(admin_listener, admin_ctx));
     let refresh_task = tokio::spawn({
@@ -240,6 +252,11 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
             }
         }
     });
+    let sync_task = tokio::spawn(authority_sync_loop(
+        service.clone(),
+        verifier.clone(),
+        authority_revision,
+    ));
     let purge_task = tokio::spawn(purge_loop(
         store.clone(),
         opts.instance_retention,
@@ -289,6 +306,7 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
     }
     admin_task.abort();
     refresh_task.abort();
+    sync_task.abort();
     purge_task.abort();
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped");
@@ -336,6 +354,49 @@ fn fit_open_file_limit(max: usize) -> usize {
 fn admin_validate_cluster(cluster: &str) -> Result<(), StartError> {
     boundkey_auth::admin::validate_name(cluster)
         .map_err(|_| StartError::ClusterName(cluster.into()))
+}
+
+/// Installs the CA state another process wrote (a `ca rotate` through another node) once its
+/// revision changes. A failed read is retried at the next tick; the authority in use stays.
+async fn authority_sync_loop(
+    service: Service,
+    verifier: Arc<ReloadableClientVerifier>,
+    mut seen: u64,
+) {
+    let mut tick = tokio::time::interval(AUTHORITY_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = service.store().clone();
+        let read = tokio::task::spawn_blocking(move || store.load_authority()).await;
+        let (state, rev) = match read {
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the CA state back from the store");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CA state read failed");
+                continue;
+            }
+        };
+        if rev == seen {
+            continue;
+        }
+        match Authority::load(&state) {
+            Ok(a) => {
+                let a = Arc::new(a);
+                service.replace_authority(a.clone());
+                verifier.reload(&a, crate::now());
+                seen = rev;
+                tracing::info!(revision = rev, "CA state changed in the store; now in use");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the CA state in the store is unusable; keeping the one in use")
+            }
+        }
+    }
 }
 
 async fn purge_loop(store: Arc<dyn Store>, retention: Duration, every: Duration) {

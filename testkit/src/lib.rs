@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod counter;
+pub mod front;
 pub use counter::TpmCommandCounter;
+pub use front::{Front, Policy};
 
 /// Kills (SIGKILL) and reaps a child process when dropped.
 #[derive(Debug)]

@@ -130,6 +130,8 @@ pub(crate) struct AuthServer {
     pub addr: String,
     pub ca_pin: String,
     child: ChildGuard,
+    /// Extra `start` arguments, kept for restarts.
+    args: Vec<String>,
 }
 
 impl AuthServer {
@@ -139,23 +141,37 @@ impl AuthServer {
 
     /// Starts an auth service with extra environment variables (e.g. crash injection).
     pub(crate) fn start_with(env: &[(&str, &str)]) -> AuthServer {
+        Self::start_node(&[], env)
+    }
+
+    /// Starts an auth service with extra `start` arguments (e.g. `--storage URL` shared with
+    /// other nodes) and environment variables.
+    pub(crate) fn start_node(args: &[&str], env: &[(&str, &str)]) -> AuthServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("auth");
-        let (child, addr, ca_pin) = spawn_authd(dir.path(), &data_dir, "127.0.0.1:0", env);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, addr, ca_pin) = spawn_authd(dir.path(), &data_dir, "127.0.0.1:0", &args, env);
         AuthServer {
             data_dir,
             addr,
             ca_pin,
             child,
             dir,
+            args,
         }
+    }
+
+    /// Kills the service now (SIGKILL), as a crashed node.
+    pub(crate) fn kill(&mut self) {
+        self.child.kill();
     }
 
     /// Kills the service if it still runs and starts it again on the same data directory and
     /// address (devices keep reaching it), with `env`.
     pub(crate) fn restart_with(&mut self, env: &[(&str, &str)]) {
         self.child.kill();
-        let (child, addr, pin) = spawn_authd(self.dir.path(), &self.data_dir, &self.addr, env);
+        let (child, addr, pin) =
+            spawn_authd(self.dir.path(), &self.data_dir, &self.addr, &self.args, env);
         assert_eq!(addr, self.addr, "the restarted service listens elsewhere");
         assert_eq!(pin, self.ca_pin, "the restarted service has another CA");
         self.child = child;
@@ -254,6 +270,7 @@ fn spawn_authd(
     dir: &Path,
     data_dir: &Path,
     listen: &str,
+    args: &[String],
     env: &[(&str, &str)],
 ) -> (ChildGuard, String, String) {
     let log = std::fs::OpenOptions::new()
@@ -265,6 +282,7 @@ fn spawn_authd(
     cmd.args(["start", "--listen", listen, "--cluster", "e2e"])
         .arg("--data-dir")
         .arg(data_dir)
+        .args(args)
         .env("RUST_LOG", "info")
         .env_remove("BOUNDKEY_AUTHD_CRASH_AT")
         .stdin(Stdio::null())

@@ -70,7 +70,7 @@ impl World {
     }
 
     pub fn rotate(&mut self, kind: CaKind, grace: u64) {
-        self.state.rotate(kind, grace, self.now).unwrap();
+        self.state.rotate(kind, grace, 0, self.now).unwrap();
         self.svc
             .replace_authority(Arc::new(Authority::load(&self.state).unwrap()));
     }

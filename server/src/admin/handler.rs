@@ -40,6 +40,8 @@ pub struct AdminContext {
     pub ca_pin: CaPin,
     /// Runs after a CA rotation installed a new authority, to rebuild the TLS client verifier.
     pub on_authority_change: AuthorityHook,
+    /// How long after a rotation the new keys begin to sign (`--ca-rotation-delay`).
+    pub ca_rotation_delay: std::time::Duration,
 }
 
 /// Who is asking (from the socket's peer credentials).
@@ -577,8 +579,9 @@ impl Handler<'_> {
             super::CaType::Identity => CaKind::Identity,
             super::CaType::JoinState => CaKind::JoinState,
         };
+        let delay = self.ctx.ca_rotation_delay.as_secs();
         let kid = state
-            .rotate(ca_kind, grace, self.now)
+            .rotate(ca_kind, grace, delay, self.now)
             .map_err(|e| AdminError::internal(format!("CA rotation failed: {e}")))?;
         let authority = Arc::new(
             Authority::load(&state)
@@ -597,14 +600,16 @@ impl Handler<'_> {
         self.ctx.service.replace_authority(authority.clone());
         (self.ctx.on_authority_change)(&authority);
         let type_str = kind.as_str();
-        let trusted_until = self
+        let signs_from = self
             .now
-            .saturating_add(i64::try_from(grace).unwrap_or(i64::MAX));
+            .saturating_add(i64::try_from(delay).unwrap_or(i64::MAX));
+        let trusted_until = signs_from.saturating_add(i64::try_from(grace).unwrap_or(i64::MAX));
         let ev = self
             .audit(event::CA_ROTATED)
             .field("type", type_str)
             .field("kid", kid.clone())
             .field("grace_period_secs", grace)
+            .field("signs_from", signs_from)
             .field("previous_trusted_until", trusted_until);
         self.store().append_audit(&ev)?;
         tracing::info!(r#type = type_str, %kid, grace_secs = grace, "CA rotated");
@@ -612,6 +617,7 @@ impl Handler<'_> {
             kind,
             kid,
             grace_period_secs: grace,
+            signs_from,
             previous_trusted_until: trusted_until,
         })
     }

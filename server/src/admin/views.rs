@@ -281,6 +281,8 @@ pub struct CaRotated {
     pub kind: CaType,
     pub kid: String,
     pub grace_period_secs: u64,
+    /// When the new key begins to sign (the rotation time unless staged for a cluster).
+    pub signs_from: UnixTime,
     pub previous_trusted_until: UnixTime,
 }
 
@@ -524,12 +526,14 @@ mod tests {
                 kind: CaType::JoinState,
                 kid: "k".into(),
                 grace_period_secs: 60,
+                signs_from: 100,
                 previous_trusted_until: 160,
             },
             json!({
                 "type": "join_state",
                 "kid": "k",
                 "grace_period_secs": 60,
+                "signs_from": 100,
                 "previous_trusted_until": 160,
             }),
         );

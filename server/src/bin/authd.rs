@@ -72,6 +72,11 @@ struct Start {
     /// Shortest identity certificate lifetime granted.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     min_cert_ttl: Duration,
+    /// How long after `boundkeyctl ca rotate` the new key begins to sign (it is trusted at
+    /// once). Several authd processes sharing one database need every process to have read the
+    /// new CA state first: at least 10s (they read it every 5s); one process needs none.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    ca_rotation_delay: Duration,
 }
 
 /// Refuses at argument parsing what can never be a trust domain or was always refused later.
@@ -137,6 +142,7 @@ fn main() -> ExitCode {
         max_pending_per_address: s.max_pending_per_address,
         instance_retention: s.instance_retention,
         purge_interval: s.purge_interval,
+        ca_rotation_delay: s.ca_rotation_delay,
         service: ServiceConfig {
             default_ttl_secs: s.default_cert_ttl.as_secs(),
             max_ttl_secs: s.max_cert_ttl.as_secs(),

@@ -584,9 +584,10 @@ impl Ctl {
                 })?;
                 self.show(&r, |r| {
                     println!(
-                        "rotated the {} CA: new key {}; the previous key stays trusted until {}",
+                        "rotated the {} CA: new key {}, trusted now and signing from {}; the previous key stays trusted until {}",
                         r.kind.as_str(),
                         r.kid,
+                        fmt_time(r.signs_from),
                         fmt_time(r.previous_trusted_until),
                     )
                 });
