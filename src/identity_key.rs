@@ -72,6 +72,7 @@ impl IdentityKey {
 
     /// A key whose signatures depend only on the key and the message (the seeded pair test).
     #[cfg(all(test, feature = "pair-test"))]
+    #[allow(clippy::expect_used)]
     pub(crate) fn deterministic(secret: &p256::SecretKey) -> IdentityKey {
         let mut k = IdentityKey::from_secret(secret).expect("a valid key encodes");
         k.deterministic = Some(secret.clone());
