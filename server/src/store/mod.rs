@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use boundkey_auth::store::Store;
 
+mod codec;
 pub mod crash;
+mod query;
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;
