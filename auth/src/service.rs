@@ -521,7 +521,10 @@ impl Service {
             if store.add_lock(&candidate)? {
                 return Ok(Some(candidate));
             }
-            if store.get_lock(&candidate.name)?.is_some_and(|l| equivalent(&l)) {
+            if store
+                .get_lock(&candidate.name)?
+                .is_some_and(|l| equivalent(&l))
+            {
                 return Ok(None);
             }
         }

@@ -18,7 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::handler::AdminContext;
 use crate::admin::{self, socket};
 use crate::listener::{self, ListenerConfig};
-use crate::store::{OpenStoreError, StorageUrl, StorageUrlError};
+use crate::store::postgres::config::resolve_password;
+use crate::store::{OpenStoreError, PostgresOptions, StorageUrl, StorageUrlError};
 use crate::tls::{self, ReloadableClientVerifier, TlsError};
 use crate::workers::Workers;
 
@@ -32,6 +33,10 @@ pub struct Options {
     pub listen: String,
     pub cluster: String,
     pub storage: Option<String>,
+    /// PostgreSQL: a file holding the password (else `BOUNDKEY_STORAGE_PASSWORD`, `PGPASSWORD`).
+    pub storage_password_file: Option<PathBuf>,
+    /// PostgreSQL: most pooled connections (0: the store's default).
+    pub storage_pool_size: u32,
     pub tls_names: Vec<String>,
     pub ceremony_timeout: Duration,
     pub first_frame_timeout: Duration,
@@ -181,9 +186,21 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
         Some(s) => StorageUrl::parse(s)?,
         None => StorageUrl::default_for(&dir),
     };
+    let pg = match &storage {
+        StorageUrl::Postgres(_) => PostgresOptions {
+            password: resolve_password(opts.storage_password_file.as_deref())
+                .map_err(StorageUrlError::from)?,
+            pool_size: opts.storage_pool_size,
+        },
+        StorageUrl::Sqlite(_) if opts.storage_password_file.is_some() => {
+            return Err(OpenStoreError::PasswordForSqlite.into())
+        }
+        // PGPASSWORD may be set for other programs; SQLite simply has no use for it.
+        StorageUrl::Sqlite(_) => PostgresOptions::default(),
+    };
     let store = {
         let storage = storage.clone();
-        tokio::task::spawn_blocking(move || storage.open()).await??
+        tokio::task::spawn_blocking(move || storage.open(&pg)).await??
     };
     let store = crate::store::crash::wrap(store);
     tracing::info!(%storage, "store opened");

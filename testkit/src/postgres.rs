@@ -33,12 +33,23 @@ pub struct Postgres {
     port: u16,
     password: String,
     as_service_account: bool,
+    /// Extra `-c name=value` settings (TLS).
+    settings: Vec<String>,
 }
 
 impl Postgres {
+    /// Like [`Postgres::start`], with TLS on: the server presents `cert_pem` (a chain, leaf
+    /// first) with `key_pem`.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Postgres {
+        Self::start_inner(Some((cert_pem, key_pem)))
+    }
     /// Initialises a fresh cluster and starts it. Panics, saying how to install PostgreSQL,
     /// when it is not installed: a missing server must fail the run, never skip the tests.
     pub fn start() -> Postgres {
+        Self::start_inner(None)
+    }
+
+    fn start_inner(tls: Option<(&str, &str)>) -> Postgres {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("boundkey-pg")
@@ -57,8 +68,29 @@ impl Postgres {
         let password = format!("pw-{}", dir.path().file_name().unwrap().to_string_lossy());
         std::fs::write(dir.path().join("pwfile"), format!("{password}\n")).unwrap();
         std::fs::create_dir(dir.path().join("sock")).unwrap();
+        let mut settings = Vec::new();
+        let mut owned = vec!["pwfile", "sock"];
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(dir.path().join("server.crt"), cert).unwrap();
+            std::fs::write(dir.path().join("server.key"), key).unwrap();
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(
+                dir.path().join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+            owned.extend(["server.crt", "server.key"]);
+            settings.push("ssl=on".to_string());
+            for (name, file) in [
+                ("ssl_cert_file", "server.crt"),
+                ("ssl_key_file", "server.key"),
+            ] {
+                settings.push(format!("{name}={}", dir.path().join(file).display()));
+            }
+        }
         if as_service_account {
-            for f in ["pwfile", "sock"] {
+            for f in owned {
                 let st = Command::new("chown")
                     .arg(format!("{SERVICE_ACCOUNT}:"))
                     .arg(dir.path().join(f))
@@ -74,14 +106,25 @@ impl Postgres {
             port: 0,
             password,
             as_service_account,
+            settings,
         };
         let out = pg
             .command("initdb")
             .arg("-D")
             .arg(pg.data_dir())
-            .args(["-U", SUPERUSER, "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ])
             .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
-            .arg(format!("--pwfile={}", pg.dir.path().join("pwfile").display()))
+            .arg(format!(
+                "--pwfile={}",
+                pg.dir.path().join("pwfile").display()
+            ))
             .output()
             .expect("run initdb");
         assert!(
@@ -126,6 +169,7 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
             .stderr(log_file);
@@ -148,7 +192,9 @@ impl Postgres {
             }
             if Instant::now() > deadline {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("postgres not ready after {READY_TIMEOUT:?}: {text}"));
+                return Err(format!(
+                    "postgres not ready after {READY_TIMEOUT:?}: {text}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -195,7 +241,14 @@ impl Postgres {
         let out = Command::new(self.bin.join("psql"))
             .arg("-h")
             .arg(self.socket_dir())
-            .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", database])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+            ])
             .args(["-v", "ON_ERROR_STOP=1", "-X", "-q", "-A", "-t", "-c", sql])
             .output()
             .expect("run psql");

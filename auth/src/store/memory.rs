@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use boundkey_proto::UnixTime;
 
 use super::{
-    AuditQuery, Commit, BotCounts, InstanceQuery, InstanceWrite, Store, StoreError, TokenQuery,
+    AuditQuery, BotCounts, Commit, InstanceQuery, InstanceWrite, Store, StoreError, TokenQuery,
 };
 use crate::authority::AuthorityState;
 use crate::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec};

@@ -102,7 +102,10 @@ impl AuditQuery {
     /// filter in memory.
     pub fn matches(&self, e: &AuditEvent) -> bool {
         self.kind.as_ref().is_none_or(|k| &e.kind == k)
-            && self.bot.as_ref().is_none_or(|b| e.bot_name.as_ref() == Some(b))
+            && self
+                .bot
+                .as_ref()
+                .is_none_or(|b| e.bot_name.as_ref() == Some(b))
             && self.since.is_none_or(|s| e.time >= s)
             && self.until.is_none_or(|u| e.time < u)
             && self.before.is_none_or(|b| e.id < b)
@@ -140,7 +143,9 @@ impl std::str::FromStr for InstanceState {
         match s {
             "active" => Ok(InstanceState::Active),
             "expired" => Ok(InstanceState::Expired),
-            o => Err(format!("unknown instance state {o:?} (expected active or expired)")),
+            o => Err(format!(
+                "unknown instance state {o:?} (expected active or expired)"
+            )),
         }
     }
 }
@@ -187,7 +192,9 @@ impl InstanceQuery {
     pub fn matches(&self, i: &BotInstance) -> bool {
         let created = i.spec.created_at;
         self.bot.as_ref().is_none_or(|b| &i.spec.bot_name == b)
-            && self.state.is_none_or(|s| s == InstanceState::of(i, self.now))
+            && self
+                .state
+                .is_none_or(|s| s == InstanceState::of(i, self.now))
             && self.created_since.is_none_or(|t| created >= t)
             && self.created_until.is_none_or(|t| created < t)
             && self.after.as_ref().is_none_or(|c| {

@@ -110,7 +110,11 @@ fn page_size(limit: Option<usize>, default: usize) -> Result<usize, AdminError> 
 
 /// Keeps the first `limit` of `items` (fetched as `limit + 1`) and returns the cursor of the
 /// last one kept when more follow.
-fn next_cursor<T>(items: &mut Vec<T>, limit: usize, cursor: impl Fn(&T) -> String) -> Option<String> {
+fn next_cursor<T>(
+    items: &mut Vec<T>,
+    limit: usize,
+    cursor: impl Fn(&T) -> String,
+) -> Option<String> {
     if items.len() <= limit {
         return None;
     }
@@ -462,11 +466,7 @@ impl Handler<'_> {
 
     fn instances_ls(&self, op: InstancesLs) -> Result<InstancePage, AdminError> {
         let limit = page_size(op.limit, DEFAULT_PAGE)?;
-        let after = op
-            .after
-            .as_deref()
-            .map(parse_instance_cursor)
-            .transpose()?;
+        let after = op.after.as_deref().map(parse_instance_cursor).transpose()?;
         let mut instances = self.store().page_instances(&InstanceQuery {
             bot: op.bot,
             state: op.state,

@@ -44,7 +44,6 @@ pub(crate) fn instance_from_row(
     Ok(i)
 }
 
-
 pub(crate) fn audit_from_row(id: i64, doc: &str) -> Result<AuditEvent, StoreError> {
     let mut ev: AuditEvent = from_json(&format!("audit event {id}"), doc)?;
     ev.id = rev_from_sql(id);

@@ -44,7 +44,7 @@ mod debug {
     use boundkey_auth::authority::AuthorityState;
     use boundkey_auth::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec};
     use boundkey_auth::store::{
-        AuditQuery, Commit, BotCounts, InstanceQuery, Store, StoreError, TokenQuery,
+        AuditQuery, BotCounts, Commit, InstanceQuery, Store, StoreError, TokenQuery,
     };
     use boundkey_proto::UnixTime;
 
@@ -127,11 +127,7 @@ mod debug {
         fn page_instances(&self, q: &InstanceQuery) -> Result<Vec<BotInstance>, StoreError> {
             self.inner.page_instances(q)
         }
-        fn bot_counts(
-            &self,
-            bot: &str,
-            now: UnixTime,
-        ) -> Result<BotCounts, StoreError> {
+        fn bot_counts(&self, bot: &str, now: UnixTime) -> Result<BotCounts, StoreError> {
             self.inner.bot_counts(bot, now)
         }
         fn update_instance(

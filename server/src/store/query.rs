@@ -87,7 +87,9 @@ pub(crate) fn instances(dialect: Dialect, columns: &str, q: &InstanceQuery) -> Q
     if let Some(c) = &q.after {
         let t = query.bind(int(c.created_at));
         let id = query.bind(Arg::Text(c.id.clone()));
-        query.conditions.push(format!("(created_at, id) > ({t}, {id})"));
+        query
+            .conditions
+            .push(format!("(created_at, id) > ({t}, {id})"));
     }
     if let Some(t) = q.created_since {
         query.cond("created_at", ">=", int(t));
@@ -163,7 +165,10 @@ mod tests {
     #[test]
     fn only_the_filters_given_are_written() {
         let q = instances(Dialect::Postgres, "id", &InstanceQuery::first(100, 5));
-        assert_eq!(q.sql, "SELECT id FROM instances ORDER BY created_at, id LIMIT $1");
+        assert_eq!(
+            q.sql,
+            "SELECT id FROM instances ORDER BY created_at, id LIMIT $1"
+        );
         assert_eq!(q.args, [Arg::Int(100)]);
         let q = instances(
             Dialect::Sqlite,

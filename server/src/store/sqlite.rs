@@ -10,24 +10,20 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use boundkey_auth::authority::AuthorityState;
-use boundkey_auth::model::{
-    AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec,
-};
+use boundkey_auth::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec};
 use boundkey_auth::store::{
-    AuditQuery, Commit, BotCounts, InstanceQuery, InstanceWrite, Store, StoreError,
-    TokenQuery,
+    AuditQuery, BotCounts, Commit, InstanceQuery, InstanceWrite, Store, StoreError, TokenQuery,
 };
 use boundkey_auth::UnixTime;
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{
-    params, params_from_iter, Connection, ErrorCode, OptionalExtension, ToSql,
-    TransactionBehavior,
+    params, params_from_iter, Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior,
 };
 use serde::de::DeserializeOwned;
 
 use super::codec::{
-    audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql, rev_to_sql, to_json,
-    token_from_row,
+    audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql, rev_to_sql,
+    to_json, token_from_row,
 };
 use super::query::{self, Arg, Dialect};
 
@@ -657,7 +653,9 @@ impl Store for SqliteStore {
     fn get_lock(&self, name: &str) -> Result<Option<Lock>, StoreError> {
         let doc: Option<String> = self
             .conn()?
-            .query_row("SELECT doc FROM locks WHERE name = ?1", [name], |r| r.get(0))
+            .query_row("SELECT doc FROM locks WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| self.err(e))?;
         doc.map(|d| from_json(&format!("lock {name}"), &d))
@@ -834,8 +832,8 @@ fn read_locks(conn: &Connection, targets: &[LockTarget]) -> Result<Vec<Lock>, Tx
 }
 
 fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), TxError> {
-    let mut stmt =
-        conn.prepare_cached("INSERT INTO audit (time, type, bot_name, doc) VALUES (?1, ?2, ?3, ?4)")?;
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO audit (time, type, bot_name, doc) VALUES (?1, ?2, ?3, ?4)")?;
     for ev in events {
         let doc = to_json(ev)?;
         stmt.execute(params![ev.time, ev.kind, ev.bot_name, doc])?;
