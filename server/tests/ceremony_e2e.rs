@@ -166,7 +166,11 @@ async fn wrong_secret_is_refused_and_changes_nothing() {
     // One generic message for every secret failure.
     assert_eq!((e2.code, e2.message.as_str()), (e.code, e.message.as_str()));
     assert_eq!(show_token(&s, &token), before);
-    assert!(s.ctl_list(&["instances", "ls"]).as_array().unwrap().is_empty());
+    assert!(s
+        .ctl_list(&["instances", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
 
     let mut right = Agent::new(&s, &token, Some("correct horse battery"));
     right.join().await.expect("the right secret still works");

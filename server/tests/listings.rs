@@ -72,7 +72,10 @@ async fn paged_views_and_locks_by_target(s: &Server) {
     s.ctl(&["bots", "add", "robot"]);
     s.ctl(&["bots", "add", "other"]);
     let mut tokens = Vec::new();
-    for (n, bot) in ["robot", "robot", "robot", "other", "robot"].iter().enumerate() {
+    for (n, bot) in ["robot", "robot", "robot", "other", "robot"]
+        .iter()
+        .enumerate()
+    {
         let name = format!("tok-{n}");
         let v = s.ctl(&["tokens", "add", "--bot", bot, "--name", &name]);
         tokens.push((name, v["registration_secret"].as_str().unwrap().to_string()));
@@ -81,14 +84,21 @@ async fn paged_views_and_locks_by_target(s: &Server) {
     // Tokens: name order, every one exactly once whatever the page size; --bot filters.
     for limit in [1, 2, 10] {
         let all = walk(s, &["tokens", "ls"], "tokens", limit);
-        assert_eq!(names(&all, "name"), ["tok-0", "tok-1", "tok-2", "tok-3", "tok-4"]);
+        assert_eq!(
+            names(&all, "name"),
+            ["tok-0", "tok-1", "tok-2", "tok-3", "tok-4"]
+        );
     }
     let other = walk(s, &["tokens", "ls", "--bot", "other"], "tokens", 1);
     assert_eq!(names(&other, "name"), ["tok-3"]);
     // Text output: a final line says how to get the next page.
     let text = s.ctl_raw(&["tokens", "ls", "--limit", "2"]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
-    assert_eq!(text.lines().last(), Some("next page: --after tok-1"), "{text}");
+    assert_eq!(
+        text.lines().last(),
+        Some("next page: --after tok-1"),
+        "{text}"
+    );
 
     // Instances: one per joined device, in creation order, paged and filtered.
     let mut agents = Vec::new();
@@ -100,7 +110,10 @@ async fn paged_views_and_locks_by_target(s: &Server) {
     }
     let mut all = BTreeSet::new();
     for limit in [1, 2, 100] {
-        let got = names(&walk(s, &["instances", "ls"], "instances", limit), "instance_id");
+        let got = names(
+            &walk(s, &["instances", "ls"], "instances", limit),
+            "instance_id",
+        );
         assert_eq!(got.len(), 5, "{got:?}");
         all = got.iter().cloned().collect();
     }
@@ -108,9 +121,21 @@ async fn paged_views_and_locks_by_target(s: &Server) {
     let robots = walk(s, &["instances", "ls", "--bot", "robot"], "instances", 2);
     assert_eq!(robots.len(), 4);
     assert!(robots.iter().all(|i| i["bot_name"] == "robot"));
-    assert_eq!(walk(s, &["instances", "ls", "--state", "active"], "instances", 3).len(), 5);
-    assert!(walk(s, &["instances", "ls", "--state", "expired"], "instances", 3).is_empty());
-    assert_eq!(walk(s, &["instances", "ls", "--since", "1h"], "instances", 3).len(), 5);
+    assert_eq!(
+        walk(s, &["instances", "ls", "--state", "active"], "instances", 3).len(),
+        5
+    );
+    assert!(walk(
+        s,
+        &["instances", "ls", "--state", "expired"],
+        "instances",
+        3
+    )
+    .is_empty());
+    assert_eq!(
+        walk(s, &["instances", "ls", "--since", "1h"], "instances", 3).len(),
+        5
+    );
     assert!(walk(s, &["instances", "ls", "--until", "1h"], "instances", 3).is_empty());
     let bad = s.ctl_raw(&["instances", "ls", "--after", "nonsense"]);
     assert!(!bad.status.success());
@@ -118,8 +143,16 @@ async fn paged_views_and_locks_by_target(s: &Server) {
     let too_big = s.ctl_raw(&["instances", "ls", "--limit", "5000"]);
     assert!(String::from_utf8_lossy(&too_big.stderr).contains("maximum page size"));
     let bots = s.ctl(&["bots", "ls"]);
-    let robot = bots.as_array().unwrap().iter().find(|b| b["name"] == "robot").unwrap();
-    assert_eq!((robot["tokens"].as_u64(), robot["instances"].as_u64()), (Some(4), Some(4)));
+    let robot = bots
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "robot")
+        .unwrap();
+    assert_eq!(
+        (robot["tokens"].as_u64(), robot["instances"].as_u64()),
+        (Some(4), Some(4))
+    );
     assert_eq!(robot["active_instances"], 4);
 
     // Audit: newest first, paged, by bot.
@@ -137,9 +170,15 @@ async fn paged_views_and_locks_by_target(s: &Server) {
     assert_eq!(e.code, ErrorCode::Locked);
     agents[2].join().await.expect("an unlocked device renews");
     s.ctl(&["locks", "add", "--instance", &ids[2], "--name", "stop-i2"]);
-    assert_eq!(agents[2].join().await.expect_err("locked instance").code, ErrorCode::Locked);
+    assert_eq!(
+        agents[2].join().await.expect_err("locked instance").code,
+        ErrorCode::Locked
+    );
     s.ctl(&["locks", "add", "--bot", "other", "--name", "stop-other"]);
-    assert_eq!(agents[3].join().await.expect_err("locked bot").code, ErrorCode::Locked);
+    assert_eq!(
+        agents[3].join().await.expect_err("locked bot").code,
+        ErrorCode::Locked
+    );
     agents[0].join().await.expect("still unlocked");
     s.ctl(&["locks", "rm", "stop-1"]);
     agents[1].join().await.expect("unlocked again");
@@ -167,7 +206,14 @@ fn postgres_settings_authd_refuses() {
         let out = Command::new(AUTHD)
             .args(["start", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--listen", "127.0.0.1:0", "--cluster", "c", "--storage", storage])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--cluster",
+                "c",
+                "--storage",
+                storage,
+            ])
             .args(extra)
             .env_remove("PGPASSWORD")
             .env_remove("BOUNDKEY_STORAGE_PASSWORD")
@@ -186,7 +232,10 @@ fn postgres_settings_authd_refuses() {
     assert!(!e.contains("s3cret-pw"), "{e}");
 
     let e = start(&url, &[("BOUNDKEY_STORAGE_PASSWORD", "wrong-pw")], &[]);
-    assert!(e.contains(&url) && e.contains("password authentication failed"), "{e}");
+    assert!(
+        e.contains(&url) && e.contains("password authentication failed"),
+        "{e}"
+    );
     assert!(!e.contains("wrong-pw"), "{e}");
 
     let e = start(&url, &[], &["--storage-password-file", "/nonexistent/pw"]);

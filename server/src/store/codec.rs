@@ -59,3 +59,16 @@ pub(crate) fn bot_counts_from_row((tokens, instances, active): (i64, i64, i64)) 
         active_instances: n(active),
     }
 }
+
+/// Errors from helpers that run inside a transaction: a store-level outcome (conflict, not
+/// found) or a database error `E`, still to be tagged with the database's name.
+pub(crate) enum TxError<E> {
+    Store(StoreError),
+    Sql(E),
+}
+
+impl<E> From<StoreError> for TxError<E> {
+    fn from(e: StoreError) -> Self {
+        TxError::Store(e)
+    }
+}

@@ -27,8 +27,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
 use super::codec::{
-    audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql, rev_to_sql,
-    to_json, token_from_row,
+    self, audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql,
+    rev_to_sql, to_json, token_from_row,
 };
 use super::query::{self, Arg, Dialect};
 
@@ -360,22 +360,12 @@ fn pg_params(args: &[Arg]) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
-/// Errors from helpers that run inside a transaction: a store-level outcome (conflict, not
-/// found) or a database failure still to be tagged with the URL.
-enum TxError {
-    Store(StoreError),
-    Sql(postgres::Error),
-}
+/// What a helper running inside a transaction fails with.
+type TxError = codec::TxError<postgres::Error>;
 
 impl From<postgres::Error> for TxError {
     fn from(e: postgres::Error) -> Self {
         TxError::Sql(e)
-    }
-}
-
-impl From<StoreError> for TxError {
-    fn from(e: StoreError) -> Self {
-        TxError::Store(e)
     }
 }
 

@@ -22,8 +22,8 @@ use rusqlite::{
 use serde::de::DeserializeOwned;
 
 use super::codec::{
-    audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql, rev_to_sql,
-    to_json, token_from_row,
+    self, audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql,
+    rev_to_sql, to_json, token_from_row,
 };
 use super::query::{self, Arg, Dialect};
 
@@ -745,22 +745,12 @@ impl Store for SqliteStore {
     }
 }
 
-/// Errors from helpers that run inside a transaction: either a store-level outcome (conflict,
-/// not found) or a database failure still to be tagged with the file name.
-enum TxError {
-    Store(StoreError),
-    Sql(rusqlite::Error),
-}
+/// What a helper running inside a transaction fails with.
+type TxError = codec::TxError<rusqlite::Error>;
 
 impl From<rusqlite::Error> for TxError {
     fn from(e: rusqlite::Error) -> Self {
         TxError::Sql(e)
-    }
-}
-
-impl From<StoreError> for TxError {
-    fn from(e: StoreError) -> Self {
-        TxError::Store(e)
     }
 }
 

@@ -210,7 +210,10 @@ impl Server {
             other => panic!("not a paged listing: {other:?}"),
         };
         let page = self.ctl(args);
-        assert!(page.get("next").is_some(), "a page has a next field: {page}");
+        assert!(
+            page.get("next").is_some(),
+            "a page has a next field: {page}"
+        );
         page.get(key)
             .cloned()
             .unwrap_or_else(|| panic!("no {key} in {page}"))

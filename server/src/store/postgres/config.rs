@@ -169,23 +169,25 @@ impl PostgresUrl {
                 url: self.url.clone(),
                 reason: format!("TLS: {e}"),
             })?;
-        let verifier: Arc<dyn ServerCertVerifier> = match &self.root_cert {
-            None => Arc::new(AnyServerCert(provider)),
-            Some(path) => {
-                let roots = load_roots(path)?;
-                let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| PostgresUrlError::RootCert {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                if self.ssl_mode == SslMode::VerifyFull {
-                    webpki
-                } else {
-                    Arc::new(ChainOnly(webpki))
-                }
-            }
+        let chain = match &self.root_cert {
+            None => None,
+            Some(path) => Some(
+                WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(load_roots(path)?),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| PostgresUrlError::RootCert {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?,
+            ),
         };
+        let verifier = Arc::new(ServerVerifier {
+            chain,
+            check_name: self.ssl_mode == SslMode::VerifyFull,
+            provider,
+        });
         Ok(builder
             .dangerous()
             .with_custom_certificate_verifier(verifier)
@@ -256,11 +258,18 @@ pub fn resolve_password(
         .map(Zeroizing::new))
 }
 
-/// Verifies the chain, accepts any host name: `verify-ca`.
+/// Checks as much of the server's certificate as `sslmode` and `sslrootcert` ask for; the
+/// handshake signatures are always checked.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct ServerVerifier {
+    /// The chain to `sslrootcert`; `None` (`prefer`/`require` without a root): not verified.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    /// Whether the host name must match too (`verify-full`).
+    check_name: bool,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -269,55 +278,15 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
             other => other,
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// Accepts any certificate (the handshake signatures are still checked): libpq's
-/// `prefer`/`require` without a root certificate.
-#[derive(Debug)]
-struct AnyServerCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -330,7 +299,7 @@ impl ServerCertVerifier for AnyServerCert {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -344,12 +313,14 @@ impl ServerCertVerifier for AnyServerCert {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
