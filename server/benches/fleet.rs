@@ -146,7 +146,7 @@ impl Factory {
             .to_string();
         let created = NOW - 90 * DAY + (i as i64 * 90 * DAY) / self.n.max(1) as i64;
         // One device in twenty stopped renewing two days ago.
-        let last = if i % 20 == 0 {
+        let last = if i.is_multiple_of(20) {
             NOW - 2 * DAY
         } else {
             NOW - 600
