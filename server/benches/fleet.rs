@@ -438,12 +438,22 @@ fn views(dir: &Path, ctl_bin: &Path, samples: usize) {
             vec!["--after".into(), deep],
         ),
         (
-            "instances ls --limit 100 --bot fleet-042 --state expired",
+            "instances ls --limit 100 --bot fleet-042 --state active",
             vec![
                 "--bot".into(),
                 "fleet-042".into(),
                 "--state".into(),
-                "expired".into(),
+                "active".into(),
+            ],
+        ),
+        (
+            "instances ls --limit 100 --bot fleet-042 --since <middle>",
+            vec![
+                "--bot".into(),
+                "fleet-042".into(),
+                "--since".into(),
+                // NOW - 45 days, where `deep` starts.
+                "2026-12-01T08:00:00Z".into(),
             ],
         ),
     ];

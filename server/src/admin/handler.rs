@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::views::{
     AuditPage, BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstancePage,
-    InstanceView, LockDeleted, LockView, NewCredential, ServerInfo, TokenCreated, TokenDeleted,
+    InstanceSummary, InstanceView, LockDeleted, LockView, NewCredential, ServerInfo, TokenCreated, TokenDeleted,
     TokenPage, TokenView,
 };
 use super::{
@@ -482,7 +482,7 @@ impl Handler<'_> {
         Ok(InstancePage {
             instances: instances
                 .iter()
-                .map(|i| InstanceView::new(i, self.now))
+                .map(|i| InstanceSummary::new(i, self.now))
                 .collect(),
             next,
         })

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use boundkey_auth::model::{
-    AuditEvent, BotInstance, InstanceSpec, InstanceStatus, Lock, Token, TokenSpec, TokenStatus,
+    AuditEvent, Authentication, BotInstance, HeartbeatRecord, InstanceSpec, InstanceStatus, Lock, Token, TokenSpec, TokenStatus,
 };
 use boundkey_auth::UnixTime;
 use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
@@ -214,10 +214,38 @@ impl InstanceView {
     }
 }
 
+/// A row of `instances ls`: the instance without its histories (`instances show` has them),
+/// so a page of a hundred stays small whatever the histories hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSummary {
+    #[serde(flatten)]
+    pub spec: InstanceSpec,
+    pub generation: u64,
+    pub expires: UnixTime,
+    pub last_authentication: Option<Authentication>,
+    pub last_heartbeat: Option<HeartbeatRecord>,
+    pub revision: u64,
+    pub state: InstanceState,
+}
+
+impl InstanceSummary {
+    pub fn new(i: &BotInstance, now: UnixTime) -> Self {
+        InstanceSummary {
+            spec: i.spec.clone(),
+            generation: i.status.generation,
+            expires: i.status.expires,
+            last_authentication: i.status.latest_authentications.last().cloned(),
+            last_heartbeat: i.status.latest_heartbeats.last().cloned(),
+            revision: i.revision,
+            state: InstanceState::of(i, now),
+        }
+    }
+}
+
 /// One page of `instances ls`: `next` is the cursor for `--after` when more follow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstancePage {
-    pub instances: Vec<InstanceView>,
+    pub instances: Vec<InstanceSummary>,
     pub next: Option<String>,
 }
 

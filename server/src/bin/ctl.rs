@@ -771,18 +771,17 @@ impl Ctl {
                         instances
                             .iter()
                             .map(|i| {
-                                let s = &i.status;
                                 vec![
                                     i.spec.instance_id.clone(),
                                     i.spec.bot_name.clone(),
                                     i.state.as_str().into(),
-                                    s.generation.to_string(),
+                                    i.generation.to_string(),
                                     i.spec.join_method.to_string(),
                                     opt_time(
-                                        s.latest_authentications.last().map(|a| a.authenticated_at),
+                                        i.last_authentication.as_ref().map(|a| a.authenticated_at),
                                     ),
-                                    opt_time(s.latest_heartbeats.last().map(|h| h.recorded_at)),
-                                    fmt_time(s.expires),
+                                    opt_time(i.last_heartbeat.as_ref().map(|h| h.recorded_at)),
+                                    fmt_time(i.expires),
                                 ]
                             })
                             .collect(),
