@@ -306,7 +306,7 @@ fn seed_postgres(url: &boundkey_server::store::PostgresUrl, f: &Factory, n: usiz
     let config = url
         .client_config(password.as_ref().map(|p| p.as_str()))
         .unwrap();
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+    let tls = boundkey_server::store::postgres::tls::MakeRustlsConnect::new(
         url.tls_config(Arc::new(rustls::crypto::ring::default_provider()))
             .unwrap(),
     );

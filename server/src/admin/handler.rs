@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 
 use super::views::{
     AuditPage, BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstancePage,
-    InstanceSummary, InstanceView, LockDeleted, LockView, NewCredential, ServerInfo, TokenCreated, TokenDeleted,
-    TokenPage, TokenView,
+    InstanceSummary, InstanceView, LockDeleted, LockView, NewCredential, ServerInfo, TokenCreated,
+    TokenDeleted, TokenPage, TokenView,
 };
 use super::{
     AdminError, AuditLs, CaExport, CaRotate, ErrorKind, ExportFormat, ExportType, InstancesLs,

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use boundkey_auth::model::{
-    AuditEvent, Authentication, BotInstance, HeartbeatRecord, InstanceSpec, InstanceStatus, Lock, Token, TokenSpec, TokenStatus,
+    AuditEvent, Authentication, BotInstance, HeartbeatRecord, InstanceSpec, InstanceStatus, Lock,
+    Token, TokenSpec, TokenStatus,
 };
 use boundkey_auth::UnixTime;
 use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};

@@ -23,7 +23,6 @@ use postgres::error::SqlState;
 use postgres::types::ToSql;
 use postgres::{GenericClient, Row};
 use r2d2_postgres::PostgresConnectionManager;
-use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
 use super::codec::{
@@ -33,6 +32,9 @@ use super::codec::{
 use super::query::{self, Arg, Dialect};
 
 pub mod config;
+pub mod tls;
+
+use tls::MakeRustlsConnect;
 
 pub use config::{PostgresUrl, PostgresUrlError, SslMode};
 
