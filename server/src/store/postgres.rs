@@ -287,6 +287,21 @@ impl PostgresStore {
             .collect()
     }
 
+    /// Runs an `INSERT`; a unique violation is `AlreadyExists(what)`.
+    fn insert(
+        &self,
+        c: &mut impl GenericClient,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        what: impl FnOnce() -> String,
+    ) -> Result<(), StoreError> {
+        match c.execute(sql, params) {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists(what())),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
     /// Runs a statement that changes rows outside any transaction; returns how many.
     fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         self.conn()?.execute(sql, params).map_err(|e| self.err(e))
@@ -460,16 +475,12 @@ fn insert_audit(c: &mut impl GenericClient, events: &[AuditEvent]) -> Result<(),
 impl Store for PostgresStore {
     fn create_bot(&self, bot: &Bot) -> Result<(), StoreError> {
         let doc = to_json(bot)?;
-        match self.conn()?.execute(
+        self.insert(
+            &mut *self.conn()?,
             "INSERT INTO bots (name, created_at, doc) VALUES ($1, $2, $3::text::jsonb)",
             &[&bot.name, &bot.created_at, &doc],
-        ) {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => {
-                Err(StoreError::AlreadyExists(format!("bot {}", bot.name)))
-            }
-            Err(e) => Err(self.err(e)),
-        }
+            || format!("bot {}", bot.name),
+        )
     }
 
     fn get_bot(&self, name: &str) -> Result<Option<Bot>, StoreError> {
@@ -502,7 +513,8 @@ impl Store for PostgresStore {
     fn create_token(&self, token: &Token) -> Result<(), StoreError> {
         let spec = to_json(&token.spec)?;
         let status = to_json(&token.status)?;
-        match self.conn()?.execute(
+        self.insert(
+            &mut *self.conn()?,
             "INSERT INTO tokens (name, bot_name, created_at, spec, status, revision)
              VALUES ($1, $2, $3, $4::text::jsonb, $5::text::jsonb, 1)",
             &[
@@ -512,13 +524,8 @@ impl Store for PostgresStore {
                 &spec,
                 &status,
             ],
-        ) {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => {
-                Err(StoreError::AlreadyExists(format!("token {}", token.name)))
-            }
-            Err(e) => Err(self.err(e)),
-        }
+            || format!("token {}", token.name),
+        )
     }
 
     fn get_token(&self, name: &str) -> Result<Option<Token>, StoreError> {
@@ -672,7 +679,8 @@ impl Store for PostgresStore {
                 let mut i = i.clone();
                 i.revision = 1;
                 let doc = to_json(&i)?;
-                match tx.execute(
+                self.insert(
+                    &mut tx,
                     "INSERT INTO instances (id, bot_name, created_at, expires, doc, revision)
                      VALUES ($1, $2, $3, $4, $5::text::jsonb, 1)",
                     &[
@@ -682,16 +690,8 @@ impl Store for PostgresStore {
                         &i.status.expires,
                         &doc,
                     ],
-                ) {
-                    Ok(_) => {}
-                    Err(e) if is_unique_violation(&e) => {
-                        return Err(StoreError::AlreadyExists(format!(
-                            "bot instance {}",
-                            i.spec.instance_id
-                        )))
-                    }
-                    Err(e) => return Err(self.err(e)),
-                }
+                    || format!("bot instance {}", i.spec.instance_id),
+                )?;
             }
             InstanceWrite::Update {
                 instance,
@@ -771,16 +771,12 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let doc = to_json(state)?;
         match expected_revision {
-            None => match self.conn()?.execute(
+            None => self.insert(
+                &mut *self.conn()?,
                 "INSERT INTO authority (id, doc, revision) VALUES (1, $1::text::jsonb, 1)",
                 &[&doc],
-            ) {
-                Ok(_) => Ok(()),
-                Err(e) if is_unique_violation(&e) => {
-                    Err(StoreError::AlreadyExists("authority".into()))
-                }
-                Err(e) => Err(self.err(e)),
-            },
+                || "authority".into(),
+            ),
             Some(rev) => {
                 let n = self.execute(
                     "UPDATE authority SET doc = $1::text::jsonb, revision = revision + 1
