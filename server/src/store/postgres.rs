@@ -313,7 +313,12 @@ impl Drop for PostgresStore {
         // Each pooled client owns a small tokio runtime, which must not be dropped on an async
         // thread (authd may drop the last store handle there): drop them on a thread of ours.
         if let Some(pool) = self.pool.take() {
-            let _ = std::thread::spawn(move || drop(pool)).join();
+            // Should no thread be available, the failed spawn drops the closure, and the pool
+            // with it, right here: better than leaking it.
+            let dropper = std::thread::Builder::new().name("pg-pool-drop".into());
+            if let Ok(handle) = dropper.spawn(move || drop(pool)) {
+                let _ = handle.join();
+            }
         }
     }
 }
