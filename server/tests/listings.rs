@@ -247,4 +247,30 @@ fn postgres_settings_authd_refuses() {
         &[],
     );
     assert!(e.contains("sslrootcert"), "{e}");
+
+    // And with libpq's PGPASSWORD it starts: the first line of its summary appears.
+    let mut child = boundkey_testkit::ChildGuard::spawn(
+        Command::new(AUTHD)
+            .args(["start", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--cluster",
+                "c",
+                "--storage",
+                &url,
+            ])
+            .env_remove("BOUNDKEY_STORAGE_PASSWORD")
+            .env("PGPASSWORD", pg.password())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    let stdout = child.child().unwrap().stdout.take().unwrap();
+    let first = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, "cluster: c");
 }
