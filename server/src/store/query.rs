@@ -24,6 +24,10 @@ pub(crate) enum Arg {
 }
 
 /// SQL text and its arguments, built condition by condition.
+///
+/// Invariant: `sql` uses exactly the placeholders 1 to `args.len()`, the n-th for `args[n-1]`
+/// (every placeholder is made by [`Query::bind`] as its value is pushed); no input is ever
+/// written into `sql` itself.
 #[derive(Debug)]
 pub(crate) struct Query {
     dialect: Dialect,
