@@ -3,7 +3,9 @@
 # other scripts; safe to run on its own.
 set -euo pipefail
 
-BOUNDKEY_DEBIAN_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl time)
+# postgresql: the PostgreSQL store's tests start their own server (initdb, postgres, psql,
+# pg_isready from /usr/lib/postgresql/N/bin; testkit::Postgres), and fail without it.
+BOUNDKEY_DEBIAN_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl time postgresql)
 
 boundkey_install_deps() {
     local missing=()

@@ -16,6 +16,7 @@ use serde_json::Value;
 /// The store the nodes share, kept alive for the test.
 enum Shared {
     Sqlite(tempfile::TempDir),
+    Postgres(boundkey_testkit::Postgres),
 }
 
 impl Shared {
@@ -23,9 +24,24 @@ impl Shared {
         Shared::Sqlite(tempfile::tempdir().unwrap())
     }
 
+    fn postgres() -> Shared {
+        let pg = boundkey_testkit::Postgres::start();
+        pg.create_database("fleet");
+        Shared::Postgres(pg)
+    }
+
     fn url(&self) -> String {
         match self {
             Shared::Sqlite(d) => format!("sqlite:{}", d.path().join("fleet.db").display()),
+            Shared::Postgres(pg) => pg.url("fleet"),
+        }
+    }
+
+    /// The environment that gives a node the store's password (never on the command line).
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Shared::Sqlite(_) => Vec::new(),
+            Shared::Postgres(pg) => vec![("BOUNDKEY_STORAGE_PASSWORD", pg.password().to_string())],
         }
     }
 }
@@ -38,12 +54,13 @@ const ROTATION_DELAY: u64 = 12;
 fn nodes(shared: &Shared, n: usize, env: &[&[(&str, &str)]]) -> Vec<AuthServer> {
     let url = shared.url();
     let delay = format!("{ROTATION_DELAY}s");
+    let store_env = shared.env();
     (0..n)
         .map(|i| {
-            AuthServer::start_node(
-                &["--storage", &url, "--ca-rotation-delay", &delay],
-                env.get(i).copied().unwrap_or(&[]),
-            )
+            let mut e: Vec<(&str, &str)> =
+                store_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            e.extend_from_slice(env.get(i).copied().unwrap_or(&[]));
+            AuthServer::start_node(&["--storage", &url, "--ca-rotation-delay", &delay], &e)
         })
         .collect()
 }
@@ -259,5 +276,22 @@ fn sqlite_a_clone_racing_the_original_through_two_nodes_commits_once_and_locks_o
 fn sqlite_a_node_killed_after_it_committed_loses_nothing_and_the_device_completes_on_the_other() {
     a_node_killed_after_it_committed_loses_nothing_and_the_device_completes_on_the_other(
         Shared::sqlite(),
+    );
+}
+
+#[test]
+fn postgres_two_nodes_serve_one_fleet_and_a_rotation_through_one_reaches_the_other() {
+    two_nodes_serve_one_fleet_and_a_rotation_through_one_reaches_the_other(Shared::postgres());
+}
+
+#[test]
+fn postgres_a_clone_racing_the_original_through_two_nodes_commits_once_and_locks_once() {
+    a_clone_racing_the_original_through_two_nodes_commits_once_and_locks_once(Shared::postgres());
+}
+
+#[test]
+fn postgres_a_node_killed_after_it_committed_loses_nothing_and_the_device_completes_on_the_other() {
+    a_node_killed_after_it_committed_loses_nothing_and_the_device_completes_on_the_other(
+        Shared::postgres(),
     );
 }

@@ -14,7 +14,7 @@ use crate::authority::Authority;
 use crate::ceremony::Ceremony;
 use crate::entropy::Entropy;
 use crate::input::{Peer, Snapshot};
-use crate::model::{event, AuditEvent, Lock};
+use crate::model::{event, AuditEvent, Lock, LockTarget, Token};
 use crate::outcome::{messages, Refusal, RefusalClass, Step};
 use crate::store::{Store, StoreError};
 use crate::throttle::{address_key, Admission, Throttle};
@@ -189,11 +189,6 @@ impl Service {
             Some(id) => store.get_instance(&id.claims.instance_id)?,
             None => None,
         };
-        let locks: Vec<_> = store
-            .list_locks()?
-            .into_iter()
-            .filter(|l| l.is_active(now))
-            .collect();
         match first {
             ClientMessage::Init(init) => {
                 // A malformed name is refused by the ceremony without being looked up.
@@ -217,6 +212,7 @@ impl Service {
                     (Some(id), _) => store.get_instance(&id)?,
                     (None, _) => None,
                 };
+                let locks = self.locks_in_force(&peer, token.as_ref(), now)?;
                 let snapshot = Snapshot {
                     token,
                     instance,
@@ -242,6 +238,7 @@ impl Service {
                     }
                     _ => None,
                 };
+                let locks = self.locks_in_force(&peer, token.as_ref(), now)?;
                 let snapshot = Snapshot {
                     token,
                     instance,
@@ -260,6 +257,7 @@ impl Service {
                 self.apply(step, &remote_addr, now)
             }
             ClientMessage::Heartbeat(hb) => {
+                let locks = self.locks_in_force(&peer, None, now)?;
                 let snapshot = Snapshot {
                     token: None,
                     instance,
@@ -290,6 +288,47 @@ impl Service {
                 )))
             }
         }
+    }
+
+    /// The locks in force now on every target a decision about this connection can consult
+    /// (the certificate's bot, instance and token; the token's bot, name and bound instance),
+    /// looked up by target: a ceremony's cost must not grow with the number of locks. Each
+    /// decision then picks the targets it guards from these.
+    fn locks_in_force(
+        &self,
+        peer: &Peer,
+        token: Option<&Token>,
+        now: UnixTime,
+    ) -> Result<Vec<Lock>, StoreError> {
+        let mut targets = Vec::new();
+        if let Some(id) = &peer.identity {
+            targets.push(LockTarget::Bot(id.claims.bot_name.clone()));
+            targets.push(LockTarget::BotInstanceId(id.claims.instance_id.clone()));
+            targets.push(LockTarget::JoinToken(id.claims.join_token.clone()));
+        }
+        if let Some(t) = token {
+            targets.push(LockTarget::Bot(t.spec.bot_name.clone()));
+            targets.push(LockTarget::JoinToken(t.name.clone()));
+            if let Some(bound) = &t.status.bound_instance_id {
+                targets.push(LockTarget::BotInstanceId(bound.clone()));
+            }
+        }
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut unique = Vec::with_capacity(targets.len());
+        for t in targets {
+            if !unique.contains(&t) {
+                unique.push(t);
+            }
+        }
+        Ok(self
+            .inner
+            .store
+            .locks_for(&unique)?
+            .into_iter()
+            .filter(|l| l.is_active(now))
+            .collect())
     }
 
     fn apply(&self, step: Step, remote_addr: &str, now: UnixTime) -> Result<Action, StoreError> {
@@ -483,9 +522,8 @@ impl Service {
                 return Ok(Some(candidate));
             }
             if store
-                .list_locks()?
-                .iter()
-                .any(|l| l.name == candidate.name && equivalent(l))
+                .get_lock(&candidate.name)?
+                .is_some_and(|l| equivalent(&l))
             {
                 return Ok(None);
             }

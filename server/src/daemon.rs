@@ -18,7 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::handler::AdminContext;
 use crate::admin::{self, socket};
 use crate::listener::{self, ListenerConfig};
-use crate::store::{OpenStoreError, StorageUrl, StorageUrlError};
+use crate::store::postgres::config::resolve_password;
+use crate::store::{OpenStoreError, PostgresOptions, StorageUrl, StorageUrlError};
 use crate::tls::{self, ReloadableClientVerifier, TlsError};
 use crate::workers::Workers;
 
@@ -31,12 +32,20 @@ const VERIFIER_REFRESH: Duration = Duration::from_secs(60);
 /// (`--ca-rotation-delay`) must give every process at least this long, plus clock skew.
 pub const AUTHORITY_REFRESH: Duration = Duration::from_secs(5);
 
+/// The default rotation delay on PostgreSQL: three refresh periods, for processes that read the
+/// state just before the rotation and clocks a little apart.
+pub const SHARED_STORE_ROTATION_DELAY: Duration = Duration::from_secs(15);
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub data_dir: PathBuf,
     pub listen: String,
     pub cluster: String,
     pub storage: Option<String>,
+    /// PostgreSQL: a file holding the password (else `BOUNDKEY_STORAGE_PASSWORD`, `PGPASSWORD`).
+    pub storage_password_file: Option<PathBuf>,
+    /// PostgreSQL: most pooled connections (0: the store's default).
+    pub storage_pool_size: u32,
     pub tls_names: Vec<String>,
     pub ceremony_timeout: Duration,
     pub first_frame_timeout: Duration,
@@ -47,8 +56,9 @@ pub struct Options {
     pub purge_interval: Duration,
     /// How long after `ca rotate` the new keys begin to sign (they are trusted at once); see
     /// `boundkey_auth::authority`. Several processes on one store need at least two
-    /// [`AUTHORITY_REFRESH`] periods.
-    pub ca_rotation_delay: Duration,
+    /// [`AUTHORITY_REFRESH`] periods. None: [`SHARED_STORE_ROTATION_DELAY`] on a store made to
+    /// be shared (PostgreSQL), none on SQLite.
+    pub ca_rotation_delay: Option<Duration>,
     pub service: ServiceConfig,
 }
 
@@ -192,9 +202,21 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
         Some(s) => StorageUrl::parse(s)?,
         None => StorageUrl::default_for(&dir),
     };
+    let pg = match &storage {
+        StorageUrl::Postgres(_) => PostgresOptions {
+            password: resolve_password(opts.storage_password_file.as_deref())
+                .map_err(StorageUrlError::from)?,
+            pool_size: opts.storage_pool_size,
+        },
+        StorageUrl::Sqlite(_) if opts.storage_password_file.is_some() => {
+            return Err(OpenStoreError::PasswordForSqlite.into())
+        }
+        // PGPASSWORD may be set for other programs; SQLite simply has no use for it.
+        StorageUrl::Sqlite(_) => PostgresOptions::default(),
+    };
     let store = {
         let storage = storage.clone();
-        tokio::task::spawn_blocking(move || storage.open()).await??
+        tokio::task::spawn_blocking(move || storage.open(&pg)).await??
     };
     let store = crate::store::crash::wrap(store);
     tracing::info!(%storage, "store opened");
@@ -238,7 +260,10 @@ pub async fn start(opts: Options, out: &mut dyn Write) -> Result<(), StartError>
             let verifier = verifier.clone();
             Box::new(move |a: &Arc<Authority>| verifier.reload(a, crate::now()))
         },
-        ca_rotation_delay: opts.ca_rotation_delay,
+        ca_rotation_delay: opts.ca_rotation_delay.unwrap_or(match storage {
+            StorageUrl::Postgres(_) => SHARED_STORE_ROTATION_DELAY,
+            StorageUrl::Sqlite(_) => Duration::ZERO,
+        }),
     });
     let admin_task = tokio::spawn(socket::serve(admin_listener, admin_ctx));
     let refresh_task = tokio::spawn({

@@ -131,9 +131,9 @@ async fn registration_renewal_and_recovery() {
         (r3.instance_id.as_str(), 2)
     );
 
-    let ls = s.ctl(&["instances", "ls", "--bot", "robot"]);
+    let ls = s.ctl_list(&["instances", "ls", "--bot", "robot"]);
     assert_eq!(ls.as_array().unwrap().len(), 2);
-    let joins = s.ctl(&["audit", "ls", "--type", "bot.join"]);
+    let joins = s.ctl_list(&["audit", "ls", "--type", "bot.join"]);
     assert!(joins
         .as_array()
         .unwrap()
@@ -166,7 +166,11 @@ async fn wrong_secret_is_refused_and_changes_nothing() {
     // One generic message for every secret failure.
     assert_eq!((e2.code, e2.message.as_str()), (e.code, e.message.as_str()));
     assert_eq!(show_token(&s, &token), before);
-    assert!(s.ctl(&["instances", "ls"]).as_array().unwrap().is_empty());
+    assert!(s
+        .ctl_list(&["instances", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
 
     let mut right = Agent::new(&s, &token, Some("correct horse battery"));
     right.join().await.expect("the right secret still works");
@@ -233,7 +237,7 @@ async fn requested_rotation_changes_the_bound_key_on_next_renewal() {
     // Done: the next renewal keeps the new key.
     agent.join().await.unwrap();
     assert_eq!(ssh(agent.bound.as_ref().unwrap()), key2);
-    let rotations = s.ctl(&["audit", "ls", "--type", "bound_keypair.rotation"]);
+    let rotations = s.ctl_list(&["audit", "ls", "--type", "bound_keypair.rotation"]);
     assert_eq!(rotations.as_array().unwrap().len(), 1);
 }
 
@@ -277,7 +281,7 @@ async fn renewals_never_fail_through_ca_rotations() {
         assert!(v["kid"].is_string());
         // Let at least one renewal run against each new CA set.
         let before = s
-            .ctl(&["audit", "ls", "--type", "bot.join", "--limit", "1000"])
+            .ctl_list(&["audit", "ls", "--type", "bot.join", "--limit", "1000"])
             .as_array()
             .unwrap()
             .len();
@@ -285,7 +289,7 @@ async fn renewals_never_fail_through_ca_rotations() {
         tokio::task::spawn_blocking(move || {
             wait_for(T, || {
                 let n = s3
-                    .ctl(&["audit", "ls", "--type", "bot.join", "--limit", "1000"])
+                    .ctl_list(&["audit", "ls", "--type", "bot.join", "--limit", "1000"])
                     .as_array()
                     .unwrap()
                     .len();
@@ -305,7 +309,7 @@ async fn renewals_never_fail_through_ca_rotations() {
     // The CA bundle carries the current identity CAs; at least the new and the one in grace.
     assert!(last.ca_bundle.matches("BEGIN CERTIFICATE").count() >= 2);
     let failures: Vec<Value> = s
-        .ctl(&["audit", "ls", "--type", "bot.join", "--limit", "1000"])
+        .ctl_list(&["audit", "ls", "--type", "bot.join", "--limit", "1000"])
         .as_array()
         .unwrap()
         .iter()
@@ -314,7 +318,7 @@ async fn renewals_never_fail_through_ca_rotations() {
         .collect();
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(
-        s.ctl(&["audit", "ls", "--type", "ca.rotated"])
+        s.ctl_list(&["audit", "ls", "--type", "ca.rotated"])
             .as_array()
             .unwrap()
             .len(),
@@ -434,7 +438,7 @@ async fn locks_refuse_renewal_and_unlock_restores_it() {
     s.ctl(&["locks", "rm", "l1"]);
     agent.join().await.expect("unlocked");
     let kinds: Vec<String> = s
-        .ctl(&["audit", "ls"])
+        .ctl_list(&["audit", "ls"])
         .as_array()
         .unwrap()
         .iter()
@@ -618,7 +622,7 @@ async fn a_client_that_stalls_mid_ceremony_times_out_and_is_audited() {
     );
     assert_eq!(show_token(&s, &token)["registration_secret_pending"], true);
     let fails = wait_for(T, || {
-        let v = s.ctl(&["audit", "ls", "--type", "bot.join"]);
+        let v = s.ctl_list(&["audit", "ls", "--type", "bot.join"]);
         let f: Vec<Value> = v
             .as_array()
             .unwrap()
@@ -724,7 +728,7 @@ async fn many_concurrent_ceremonies_all_complete() {
         t.await.expect("agent task");
     }
     assert_eq!(
-        s.ctl(&["instances", "ls", "--bot", "fleet"])
+        s.ctl_list(&["instances", "ls", "--bot", "fleet"])
             .as_array()
             .unwrap()
             .len(),
@@ -764,7 +768,7 @@ async fn clones_racing_on_one_token_produce_one_instance() {
             .all(|c| matches!(c, ErrorCode::Conflict | ErrorCode::RecoveryLimitExceeded)),
         "{codes:?}"
     );
-    let instances = s.ctl(&["instances", "ls"]);
+    let instances = s.ctl_list(&["instances", "ls"]);
     assert_eq!(instances.as_array().unwrap().len(), 1, "{instances}");
     let t = show_token(&s, &token);
     assert_eq!(t["bound_instance_id"], wins[0].instance_id.as_str());

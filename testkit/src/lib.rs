@@ -1,4 +1,5 @@
-//! Test support: a private software TPM per test, and child processes that die with the test.
+//! Test support: a private software TPM per test, a private PostgreSQL server per test, and
+//! child processes that die with the test.
 //!
 //! Every [`Swtpm`] runs its own `swtpm` process on its own loopback TCP port pair with its own
 //! state directory, so tests using it can run in parallel. Processes are SIGKILLed when their
@@ -6,6 +7,7 @@
 //!
 //! swtpm is required: when it is not installed, starting one panics with install instructions
 //! instead of skipping, so a missing dependency can never turn into a silently green run.
+//! [`Postgres`] follows the same rules with Debian's `postgresql` package.
 
 // Test support: failing loudly at the point of failure is this crate's contract.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -398,6 +400,9 @@ fn free_port_pair() -> io::Result<u16> {
         "no adjacent free ports",
     ))
 }
+
+mod postgres;
+pub use postgres::Postgres;
 
 #[cfg(test)]
 mod tests {

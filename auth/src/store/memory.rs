@@ -7,9 +7,11 @@ use std::sync::Mutex;
 
 use boundkey_proto::UnixTime;
 
-use super::{AuditQuery, Commit, InstanceWrite, Store, StoreError};
+use super::{
+    AuditQuery, BotCounts, Commit, InstanceQuery, InstanceWrite, Store, StoreError, TokenQuery,
+};
 use crate::authority::AuthorityState;
-use crate::model::{AuditEvent, Bot, BotInstance, Lock, Token, TokenSpec};
+use crate::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec};
 
 #[derive(Default)]
 struct Inner {
@@ -88,6 +90,17 @@ impl Store for MemoryStore {
     fn list_tokens(&self) -> Result<Vec<Token>, StoreError> {
         Ok(self.lock()?.tokens.values().cloned().collect())
     }
+    fn page_tokens(&self, q: &TokenQuery) -> Result<Vec<Token>, StoreError> {
+        Ok(self
+            .lock()?
+            .tokens
+            .values()
+            .filter(|t| q.bot.as_ref().is_none_or(|b| &t.spec.bot_name == b))
+            .filter(|t| q.after.as_ref().is_none_or(|a| &t.name > a))
+            .take(q.limit)
+            .cloned()
+            .collect())
+    }
     fn update_token_spec(
         &self,
         name: &str,
@@ -121,6 +134,29 @@ impl Store for MemoryStore {
             .filter(|i| bot.is_none_or(|b| i.spec.bot_name == b))
             .cloned()
             .collect())
+    }
+    fn page_instances(&self, q: &InstanceQuery) -> Result<Vec<BotInstance>, StoreError> {
+        let g = self.lock()?;
+        let mut page: Vec<BotInstance> = g
+            .instances
+            .values()
+            .filter(|i| q.matches(i))
+            .cloned()
+            .collect();
+        page.sort_by(|a, b| {
+            (a.spec.created_at, &a.spec.instance_id).cmp(&(b.spec.created_at, &b.spec.instance_id))
+        });
+        page.truncate(q.limit);
+        Ok(page)
+    }
+    fn bot_counts(&self, bot: &str, now: UnixTime) -> Result<BotCounts, StoreError> {
+        let g = self.lock()?;
+        let of_bot = || g.instances.values().filter(|i| i.spec.bot_name == bot);
+        Ok(BotCounts {
+            tokens: g.tokens.values().filter(|t| t.spec.bot_name == bot).count(),
+            instances: of_bot().count(),
+            active_instances: of_bot().filter(|i| !i.is_expired(now)).count(),
+        })
     }
     fn update_instance(
         &self,
@@ -233,6 +269,18 @@ impl Store for MemoryStore {
     fn list_locks(&self) -> Result<Vec<Lock>, StoreError> {
         Ok(self.lock()?.locks.values().cloned().collect())
     }
+    fn locks_for(&self, targets: &[LockTarget]) -> Result<Vec<Lock>, StoreError> {
+        Ok(self
+            .lock()?
+            .locks
+            .values()
+            .filter(|l| targets.contains(&l.target))
+            .cloned()
+            .collect())
+    }
+    fn get_lock(&self, name: &str) -> Result<Option<Lock>, StoreError> {
+        Ok(self.lock()?.locks.get(name).cloned())
+    }
     fn delete_lock(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self.lock()?.locks.remove(name).is_some())
     }
@@ -246,8 +294,7 @@ impl Store for MemoryStore {
         Ok(g.audit
             .iter()
             .rev()
-            .filter(|e| q.kind.as_ref().is_none_or(|k| &e.kind == k))
-            .filter(|e| q.since.is_none_or(|s| e.time >= s))
+            .filter(|e| q.matches(e))
             .take(q.limit.unwrap_or(usize::MAX))
             .cloned()
             .collect())

@@ -10,24 +10,24 @@ use boundkey_auth::model::{
     event, AttestationSpec, AuditEvent, Bot, Lock, LockTarget, Token, TokenSpec,
 };
 use boundkey_auth::service::Service;
-use boundkey_auth::store::{AuditQuery, StoreError};
+use boundkey_auth::store::{AuditQuery, InstanceCursor, InstanceQuery, StoreError, TokenQuery};
 use boundkey_auth::UnixTime;
 use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
 use serde_json::{json, Value};
 
 use super::views::{
-    BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstanceView, LockDeleted,
-    LockView, NewCredential, ServerInfo, TokenCreated, TokenDeleted, TokenView,
+    AuditPage, BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstancePage,
+    InstanceSummary, InstanceView, LockDeleted, LockView, NewCredential, ServerInfo, TokenCreated,
+    TokenDeleted, TokenPage, TokenView,
 };
 use super::{
-    AdminError, AuditLs, CaExport, CaRotate, ErrorKind, ExportFormat, ExportType, LocksAdd,
-    Operation, Request, TokensAdd, TokensEdit,
+    AdminError, AuditLs, CaExport, CaRotate, ErrorKind, ExportFormat, ExportType, InstancesLs,
+    LocksAdd, Operation, Request, TokensAdd, TokensEdit, TokensLs, DEFAULT_AUDIT_PAGE,
+    DEFAULT_PAGE, MAX_PAGE,
 };
 
 /// How often a spec edit is retried when a ceremony bumped the token's revision meanwhile.
 const EDIT_ATTEMPTS: usize = 10;
-/// `audit ls` without `--limit`.
-const DEFAULT_AUDIT_LIMIT: usize = 50;
 
 /// Called with the new authority after a CA rotation.
 pub type AuthorityHook = Box<dyn Fn(&Arc<Authority>) + Send + Sync>;
@@ -71,12 +71,12 @@ pub fn handle(
         Request::BotsLs(op) => reply(op, |_| h.bots_ls()),
         Request::BotsRm(op) => reply(op, |op| h.bots_rm(&op.name)),
         Request::TokensAdd(op) => reply(op, |op| h.tokens_add(op)),
-        Request::TokensLs(op) => reply(op, |op| h.tokens_ls(op.bot.as_deref())),
+        Request::TokensLs(op) => reply(op, |op| h.tokens_ls(op)),
         Request::TokensShow(op) => reply(op, |op| Ok(TokenView::from(&h.token(&op.name)?))),
         Request::TokensEdit(op) => reply(op, |op| h.tokens_edit(op)),
         Request::TokensRm(op) => reply(op, |op| h.tokens_rm(&op.name)),
         Request::RequestRotation(op) => reply(op, |op| h.request_rotation(&op.token)),
-        Request::InstancesLs(op) => reply(op, |op| h.instances_ls(op.bot.as_deref())),
+        Request::InstancesLs(op) => reply(op, |op| h.instances_ls(op)),
         Request::InstancesShow(op) => reply(op, |op| {
             let i = h.instance(&op.id)?;
             Ok(InstanceView::new(&i, now))
@@ -99,6 +99,42 @@ fn reply<O: Operation>(
     let answer = f(op)?;
     serde_json::to_value(answer)
         .map_err(|e| AdminError::internal(format!("cannot encode the answer: {e}")))
+}
+
+/// The page size asked for, or `default`; 0 and more than [`MAX_PAGE`] are refused.
+fn page_size(limit: Option<usize>, default: usize) -> Result<usize, AdminError> {
+    match limit.unwrap_or(default) {
+        0 => Err(AdminError::bad_request("--limit must be at least 1")),
+        n if n > MAX_PAGE => Err(AdminError::bad_request(format!(
+            "--limit {n} is above the maximum page size {MAX_PAGE}; page with --after"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// Keeps the first `limit` of `items` (fetched as `limit + 1`) and returns the cursor of the
+/// last one kept when more follow.
+fn next_cursor<T>(
+    items: &mut Vec<T>,
+    limit: usize,
+    cursor: impl Fn(&T) -> String,
+) -> Option<String> {
+    if items.len() <= limit {
+        return None;
+    }
+    items.truncate(limit);
+    items.last().map(cursor)
+}
+
+/// An instance cursor is `CREATED_AT.INSTANCE_ID`: the listing's sort key, so a page resumes
+/// exactly after the last instance shown, whatever was added or removed meanwhile.
+fn parse_instance_cursor(c: &str) -> Result<InstanceCursor, AdminError> {
+    let bad = || AdminError::bad_request(format!("invalid instance cursor {c:?}"));
+    let (t, id) = c.split_once('.').ok_or_else(bad)?;
+    Ok(InstanceCursor {
+        created_at: t.parse().map_err(|_| bad())?,
+        id: id.to_string(),
+    })
 }
 
 struct Handler<'a> {
@@ -164,32 +200,25 @@ impl Handler<'_> {
     }
 
     fn bots_ls(&self) -> Result<Vec<BotSummary>, AdminError> {
-        let bots = self.store().list_bots()?;
-        let tokens = self.store().list_tokens()?;
-        let instances = self.store().list_instances(None)?;
-        Ok(bots
+        self.store()
+            .list_bots()?
             .into_iter()
             .map(|b| {
-                let of_bot = || instances.iter().filter(|i| i.spec.bot_name == b.name);
-                BotSummary {
-                    tokens: tokens.iter().filter(|t| t.spec.bot_name == b.name).count(),
-                    instances: of_bot().count(),
-                    active_instances: of_bot().filter(|i| !i.is_expired(self.now)).count(),
+                let counts = self.store().bot_counts(&b.name, self.now)?;
+                Ok(BotSummary {
+                    tokens: counts.tokens,
+                    instances: counts.instances,
+                    active_instances: counts.active_instances,
                     created_at: b.created_at,
                     name: b.name,
-                }
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn bots_rm(&self, name: &str) -> Result<BotDeleted, AdminError> {
-        let tokens = self
-            .store()
-            .list_tokens()?
-            .into_iter()
-            .filter(|t| t.spec.bot_name == name)
-            .count();
-        let instances = self.store().list_instances(Some(name))?.len();
+        let counts = self.store().bot_counts(name, self.now)?;
+        let (tokens, instances) = (counts.tokens, counts.instances);
         if !self.store().delete_bot(name)? && tokens == 0 && instances == 0 {
             return Err(AdminError::not_found(format!("bot {name} not found")));
         }
@@ -308,14 +337,18 @@ impl Handler<'_> {
         })
     }
 
-    fn tokens_ls(&self, bot: Option<&str>) -> Result<Vec<TokenView>, AdminError> {
-        Ok(self
-            .store()
-            .list_tokens()?
-            .iter()
-            .filter(|t| bot.is_none_or(|b| t.spec.bot_name == b))
-            .map(TokenView::from)
-            .collect())
+    fn tokens_ls(&self, op: TokensLs) -> Result<TokenPage, AdminError> {
+        let limit = page_size(op.limit, DEFAULT_PAGE)?;
+        let mut tokens = self.store().page_tokens(&TokenQuery {
+            bot: op.bot,
+            after: op.after,
+            limit: limit + 1,
+        })?;
+        let next = next_cursor(&mut tokens, limit, |t| t.name.clone());
+        Ok(TokenPage {
+            tokens: tokens.iter().map(TokenView::from).collect(),
+            next,
+        })
     }
 
     /// Applies `change` to the token's spec with a compare-and-swap, retrying when a ceremony
@@ -459,13 +492,28 @@ impl Handler<'_> {
         Ok(TokenView::from(&t))
     }
 
-    fn instances_ls(&self, bot: Option<&str>) -> Result<Vec<InstanceView>, AdminError> {
-        Ok(self
-            .store()
-            .list_instances(bot)?
-            .iter()
-            .map(|i| InstanceView::new(i, self.now))
-            .collect())
+    fn instances_ls(&self, op: InstancesLs) -> Result<InstancePage, AdminError> {
+        let limit = page_size(op.limit, DEFAULT_PAGE)?;
+        let after = op.after.as_deref().map(parse_instance_cursor).transpose()?;
+        let mut instances = self.store().page_instances(&InstanceQuery {
+            bot: op.bot,
+            state: op.state,
+            now: self.now,
+            created_since: op.since,
+            created_until: op.until,
+            after,
+            limit: limit + 1,
+        })?;
+        let next = next_cursor(&mut instances, limit, |i| {
+            format!("{}.{}", i.spec.created_at, i.spec.instance_id)
+        });
+        Ok(InstancePage {
+            instances: instances
+                .iter()
+                .map(|i| InstanceSummary::new(i, self.now))
+                .collect(),
+            next,
+        })
     }
 
     fn instances_rm(&self, id: &str) -> Result<InstanceDeleted, AdminError> {
@@ -542,9 +590,7 @@ impl Handler<'_> {
     fn locks_rm(&self, name: &str) -> Result<LockDeleted, AdminError> {
         let lock = self
             .store()
-            .list_locks()?
-            .into_iter()
-            .find(|l| l.name == name)
+            .get_lock(name)?
             .ok_or_else(|| AdminError::not_found(format!("lock {name} not found")))?;
         if !self.store().delete_lock(name)? {
             return Err(AdminError::not_found(format!("lock {name} not found")));
@@ -558,12 +604,26 @@ impl Handler<'_> {
         Ok(LockDeleted { name: name.into() })
     }
 
-    fn audit_ls(&self, q: AuditLs) -> Result<Vec<AuditEvent>, AdminError> {
-        Ok(self.store().list_audit(&AuditQuery {
+    fn audit_ls(&self, q: AuditLs) -> Result<AuditPage, AdminError> {
+        let limit = page_size(q.limit, DEFAULT_AUDIT_PAGE)?;
+        let before = q
+            .after
+            .as_deref()
+            .map(|c| {
+                c.parse::<u64>()
+                    .map_err(|_| AdminError::bad_request(format!("invalid audit cursor {c:?}")))
+            })
+            .transpose()?;
+        let mut events = self.store().list_audit(&AuditQuery {
             kind: q.kind,
+            bot: q.bot,
             since: q.since,
-            limit: Some(q.limit.unwrap_or(DEFAULT_AUDIT_LIMIT)),
-        })?)
+            until: q.until,
+            before,
+            limit: Some(limit + 1),
+        })?;
+        let next = next_cursor(&mut events, limit, |e| e.id.to_string());
+        Ok(AuditPage { events, next })
     }
 
     fn ca_rotate(&self, op: CaRotate) -> Result<CaRotated, AdminError> {

@@ -5,7 +5,7 @@
 //! (`views`). The handler must produce exactly that type and `boundkeyctl` decodes exactly that
 //! type, so the two cannot drift apart.
 
-use boundkey_auth::model::{AttestationMode, AuditEvent, Bot, LockTarget};
+use boundkey_auth::model::{AttestationMode, Bot, LockTarget};
 use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{Endpoint, JoinMethod, UnixTime};
 use serde::de::DeserializeOwned;
@@ -17,12 +17,19 @@ pub mod socket;
 pub mod views;
 
 use views::{
-    BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstanceView, LockDeleted,
-    LockView, ServerInfo, TokenCreated, TokenDeleted, TokenView,
+    AuditPage, BotDeleted, BotSummary, CaExported, CaRotated, InstanceDeleted, InstancePage,
+    InstanceState, InstanceView, LockDeleted, LockView, ServerInfo, TokenCreated, TokenDeleted,
+    TokenPage, TokenView,
 };
 
 /// File name of the admin socket inside the data directory.
 pub const SOCKET_NAME: &str = "admin.sock";
+/// Page size of `instances ls` and `tokens ls` when none is asked for.
+pub const DEFAULT_PAGE: usize = 100;
+/// Page size of `audit ls` when none is asked for.
+pub const DEFAULT_AUDIT_PAGE: usize = 50;
+/// Largest page one request may ask for: an answer is one JSON line held in memory.
+pub const MAX_PAGE: usize = 1000;
 /// Longest request line accepted; real requests are well under 4 KiB.
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 
@@ -135,18 +142,18 @@ operations! {
     BotsLs => Vec<BotSummary>,
     BotsRm => BotDeleted,
     TokensAdd => TokenCreated,
-    TokensLs => Vec<TokenView>,
+    TokensLs => TokenPage,
     TokensShow => TokenView,
     TokensEdit => TokenView,
     TokensRm => TokenDeleted,
     RequestRotation => TokenView,
-    InstancesLs => Vec<InstanceView>,
+    InstancesLs => InstancePage,
     InstancesShow => InstanceView,
     InstancesRm => InstanceDeleted,
     LocksAdd => LockView,
     LocksLs => Vec<LockView>,
     LocksRm => LockDeleted,
-    AuditLs => Vec<AuditEvent>,
+    AuditLs => AuditPage,
     CaRotate => CaRotated,
     CaExport => CaExported,
 }
@@ -173,11 +180,18 @@ pub struct BotsRm {
     pub name: String,
 }
 
+/// Tokens in name order, one page at a time.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensLs {
     #[serde(default)]
     pub bot: Option<String>,
+    /// Page size (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The `next` cursor of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,11 +213,26 @@ pub struct RequestRotation {
     pub token: String,
 }
 
+/// Instances in creation order (oldest first), one page at a time.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstancesLs {
     #[serde(default)]
     pub bot: Option<String>,
+    #[serde(default)]
+    pub state: Option<InstanceState>,
+    /// Only instances created at or after this time.
+    #[serde(default)]
+    pub since: Option<UnixTime>,
+    /// Only instances created before this time.
+    #[serde(default)]
+    pub until: Option<UnixTime>,
+    /// Page size (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The `next` cursor of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,9 +265,19 @@ pub struct AuditLs {
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
     #[serde(default)]
+    pub bot: Option<String>,
+    /// Page size (default [`DEFAULT_AUDIT_PAGE`], at most [`MAX_PAGE`]).
+    #[serde(default)]
     pub limit: Option<usize>,
+    /// Only events at or after this time.
     #[serde(default)]
     pub since: Option<UnixTime>,
+    /// Only events before this time.
+    #[serde(default)]
+    pub until: Option<UnixTime>,
+    /// The `next` cursor of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 /// Replaces a CA key; the old key stays trusted for the grace period.
@@ -595,14 +634,14 @@ mod tests {
             (r#"{"op":"locks.ls"}"#, Request::LocksLs(LocksLs {})),
             (
                 r#"{"op":"tokens.ls"}"#,
-                Request::TokensLs(TokensLs { bot: None }),
+                Request::TokensLs(TokensLs::default()),
             ),
             (
                 r#"{"op":"audit.ls","type":"bot.join","limit":3}"#,
                 Request::AuditLs(AuditLs {
                     kind: Some("bot.join".into()),
                     limit: Some(3),
-                    since: None,
+                    ..AuditLs::default()
                 }),
             ),
         ] {

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use boundkey_auth::model::{
-    BotInstance, EkIdentity, InstanceSpec, InstanceStatus, Lock, Token, TokenSpec, TokenStatus,
+    AuditEvent, Authentication, BotInstance, EkIdentity, HeartbeatRecord, InstanceSpec,
+    InstanceStatus, Lock, Token, TokenSpec, TokenStatus,
 };
 use boundkey_auth::UnixTime;
 use boundkey_proto::{CaPin, Endpoint, JoinMethod, JoinUri};
@@ -194,30 +195,7 @@ impl From<&Token> for TokenView {
     }
 }
 
-/// Whether an instance still holds a usable certificate (plus grace).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InstanceState {
-    Active,
-    Expired,
-}
-
-impl InstanceState {
-    pub fn of(i: &BotInstance, now: UnixTime) -> Self {
-        if i.is_expired(now) {
-            InstanceState::Expired
-        } else {
-            InstanceState::Active
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InstanceState::Active => "active",
-            InstanceState::Expired => "expired",
-        }
-    }
-}
+pub use boundkey_auth::store::InstanceState;
 
 /// An instance: `instance_id`, `bot_name`, … (spec), `generation`, `expires`, authentications
 /// and heartbeats (status), plus `revision` and `state`.
@@ -240,6 +218,55 @@ impl InstanceView {
             state: InstanceState::of(i, now),
         }
     }
+}
+
+/// A row of `instances ls`: the instance without its histories (`instances show` has them),
+/// so a page of a hundred stays small whatever the histories hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSummary {
+    #[serde(flatten)]
+    pub spec: InstanceSpec,
+    pub generation: u64,
+    pub expires: UnixTime,
+    pub last_authentication: Option<Authentication>,
+    pub last_heartbeat: Option<HeartbeatRecord>,
+    pub revision: u64,
+    pub state: InstanceState,
+}
+
+impl InstanceSummary {
+    pub fn new(i: &BotInstance, now: UnixTime) -> Self {
+        InstanceSummary {
+            spec: i.spec.clone(),
+            generation: i.status.generation,
+            expires: i.status.expires,
+            last_authentication: i.status.latest_authentications.last().cloned(),
+            last_heartbeat: i.status.latest_heartbeats.last().cloned(),
+            revision: i.revision,
+            state: InstanceState::of(i, now),
+        }
+    }
+}
+
+/// One page of `instances ls`: `next` is the cursor for `--after` when more follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstancePage {
+    pub instances: Vec<InstanceSummary>,
+    pub next: Option<String>,
+}
+
+/// One page of `tokens ls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenPage {
+    pub tokens: Vec<TokenView>,
+    pub next: Option<String>,
+}
+
+/// One page of `audit ls`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub events: Vec<AuditEvent>,
+    pub next: Option<String>,
 }
 
 /// A lock as stored, plus `active` (not expired).

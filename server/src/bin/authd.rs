@@ -33,9 +33,17 @@ struct Start {
     /// trust domain (spiffe://CLUSTER/bot/NAME); 1-64 characters from [A-Za-z0-9._-], not . or ..
     #[arg(long, value_parser = parse_cluster)]
     cluster: String,
-    /// Storage URL: sqlite:PATH (default sqlite:DATA_DIR/boundkey.db).
+    /// Storage URL: sqlite:PATH (default sqlite:DATA_DIR/boundkey.db) or
+    /// postgres://USER@HOST:PORT/DB[?sslmode=…&sslrootcert=PATH] (no password in the URL).
     #[arg(long)]
     storage: Option<String>,
+    /// PostgreSQL: file holding the database password (else BOUNDKEY_STORAGE_PASSWORD, then
+    /// PGPASSWORD, are read).
+    #[arg(long, env = "BOUNDKEY_STORAGE_PASSWORD_FILE")]
+    storage_password_file: Option<PathBuf>,
+    /// PostgreSQL: most connections this process holds at once.
+    #[arg(long, default_value_t = boundkey_server::store::postgres::DEFAULT_POOL_SIZE)]
+    storage_pool_size: u32,
     /// Extra DNS name or IP address for the listener's certificate (repeatable).
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
@@ -74,9 +82,10 @@ struct Start {
     min_cert_ttl: Duration,
     /// How long after `boundkeyctl ca rotate` the new key begins to sign (it is trusted at
     /// once). Several authd processes sharing one database need every process to have read the
-    /// new CA state first: at least 10s (they read it every 5s); one process needs none.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
-    ca_rotation_delay: Duration,
+    /// new CA state first: at least 10s (they read it every 5s). Default: 15s on PostgreSQL,
+    /// none on SQLite.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ca_rotation_delay: Option<Duration>,
 }
 
 /// Refuses at argument parsing what can never be a trust domain or was always refused later.
@@ -134,6 +143,8 @@ fn main() -> ExitCode {
         listen: s.listen,
         cluster: s.cluster,
         storage: s.storage,
+        storage_password_file: s.storage_password_file,
+        storage_pool_size: s.storage_pool_size,
         tls_names: s.tls_names,
         ceremony_timeout: s.ceremony_timeout,
         first_frame_timeout: s.first_frame_timeout,

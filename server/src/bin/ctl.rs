@@ -10,7 +10,7 @@ use boundkey_auth::UnixTime;
 use boundkey_proto::claims::RecoveryMode;
 use boundkey_proto::{Endpoint, EndpointError, JoinMethod};
 use boundkey_server::admin::client::{self, ClientError};
-use boundkey_server::admin::views::{NewCredential, TokenCreated};
+use boundkey_server::admin::views::{InstanceState, NewCredential, TokenCreated};
 use boundkey_server::admin::{
     self, CaType, ExportFormat, ExportType, LocksAdd, Operation, TokensAdd, TokensEdit,
 };
@@ -75,10 +75,12 @@ enum BotsCmd {
 enum TokensCmd {
     /// Create a join token and print a ready join URI.
     Add(TokensAddArgs),
-    /// List tokens.
+    /// List tokens in name order, one page at a time.
     Ls {
         #[arg(long)]
         bot: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one token: spec and status.
     Show { name: String },
@@ -202,10 +204,21 @@ enum BoundKeypairCmd {
 
 #[derive(Subcommand)]
 enum InstancesCmd {
-    /// List bot instances.
+    /// List bot instances, oldest first, one page at a time.
     Ls {
         #[arg(long)]
         bot: Option<String>,
+        /// active or expired.
+        #[arg(long)]
+        state: Option<InstanceState>,
+        /// Only instances created at or after: RFC 3339 time, or a duration ago (`1h`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<UnixTime>,
+        /// Only instances created before: RFC 3339 time, or a duration ago.
+        #[arg(long, value_parser = parse_since)]
+        until: Option<UnixTime>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one instance with its authentications and heartbeats.
     Show { id: String },
@@ -247,16 +260,32 @@ struct LocksAddArgs {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// List audit events, newest first.
+    /// List audit events, newest first, one page at a time (default 50 a page).
     Ls {
         #[arg(long = "type")]
         kind: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        #[arg(long)]
+        bot: Option<String>,
         /// Only events at or after: RFC 3339 time, or a duration ago (`1h`).
         #[arg(long, value_parser = parse_since)]
         since: Option<UnixTime>,
+        /// Only events before: RFC 3339 time, or a duration ago.
+        #[arg(long, value_parser = parse_since)]
+        until: Option<UnixTime>,
+        #[command(flatten)]
+        page: PageArgs,
     },
+}
+
+/// Paging flags shared by the listings.
+#[derive(Args)]
+struct PageArgs {
+    /// Page size (default 100, audit 50; at most 1000).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Continue after this cursor: the `next` of the previous page.
+    #[arg(long)]
+    after: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -473,6 +502,13 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// The last line of a paged table: how to ask for the next page, when there is one.
+fn print_next(next: Option<&str>) {
+    if let Some(c) = next {
+        println!("next page: --after {}", printable(c));
+    }
+}
+
 /// Every cell of a table, made [`printable`] before widths are measured.
 fn escape_rows(rows: Vec<Vec<String>>) -> Vec<Vec<String>> {
     rows.into_iter()
@@ -536,13 +572,23 @@ impl Ctl {
             }
             Cmd::Instances(c) => self.instances(c)?,
             Cmd::Locks(c) => self.locks(c)?,
-            Cmd::Audit(AuditCmd::Ls { kind, limit, since }) => {
-                let events = self.call(admin::AuditLs {
+            Cmd::Audit(AuditCmd::Ls {
+                kind,
+                bot,
+                since,
+                until,
+                page,
+            }) => {
+                let page = self.call(admin::AuditLs {
                     kind,
-                    limit: Some(limit),
+                    bot,
+                    limit: page.limit,
                     since,
+                    until,
+                    after: page.after,
                 })?;
-                self.show(&events, |events| {
+                self.show(&page, |page| {
+                    let events = &page.events;
                     print_table(
                         &[
                             "ID", "TIME", "TYPE", "OK", "BOT", "INSTANCE", "TOKEN", "REMOTE",
@@ -574,7 +620,8 @@ impl Ctl {
                                 ]
                             })
                             .collect(),
-                    )
+                    );
+                    print_next(page.next.as_deref());
                 });
             }
             Cmd::Ca(CaCmd::Rotate { kind, grace_period }) => {
@@ -686,9 +733,14 @@ impl Ctl {
                     eprintln!("boundkeyctl: the secret above is shown only once; it is not stored in clear");
                 }
             }
-            TokensCmd::Ls { bot } => {
-                let tokens = self.call(admin::TokensLs { bot })?;
-                self.show(&tokens, |tokens| {
+            TokensCmd::Ls { bot, page } => {
+                let page = self.call(admin::TokensLs {
+                    bot,
+                    limit: page.limit,
+                    after: page.after,
+                })?;
+                self.show(&page, |page| {
+                    let tokens = &page.tokens;
                     print_table(
                         &[
                             "NAME",
@@ -726,7 +778,8 @@ impl Ctl {
                                 ]
                             })
                             .collect(),
-                    )
+                    );
+                    print_next(page.next.as_deref());
                 });
             }
             TokensCmd::Show { name } => {
@@ -759,9 +812,23 @@ impl Ctl {
 
     fn instances(&self, c: InstancesCmd) -> Result<(), CtlError> {
         match c {
-            InstancesCmd::Ls { bot } => {
-                let instances = self.call(admin::InstancesLs { bot })?;
-                self.show(&instances, |instances| {
+            InstancesCmd::Ls {
+                bot,
+                state,
+                since,
+                until,
+                page,
+            } => {
+                let page = self.call(admin::InstancesLs {
+                    bot,
+                    state,
+                    since,
+                    until,
+                    limit: page.limit,
+                    after: page.after,
+                })?;
+                self.show(&page, |page| {
+                    let instances = &page.instances;
                     print_table(
                         &[
                             "INSTANCE",
@@ -776,22 +843,22 @@ impl Ctl {
                         instances
                             .iter()
                             .map(|i| {
-                                let s = &i.status;
                                 vec![
                                     i.spec.instance_id.clone(),
                                     i.spec.bot_name.clone(),
                                     i.state.as_str().into(),
-                                    s.generation.to_string(),
+                                    i.generation.to_string(),
                                     i.spec.join_method.to_string(),
                                     opt_time(
-                                        s.latest_authentications.last().map(|a| a.authenticated_at),
+                                        i.last_authentication.as_ref().map(|a| a.authenticated_at),
                                     ),
-                                    opt_time(s.latest_heartbeats.last().map(|h| h.recorded_at)),
-                                    fmt_time(s.expires),
+                                    opt_time(i.last_heartbeat.as_ref().map(|h| h.recorded_at)),
+                                    fmt_time(i.expires),
                                 ]
                             })
                             .collect(),
-                    )
+                    );
+                    print_next(page.next.as_deref());
                 });
             }
             InstancesCmd::Show { id } => {

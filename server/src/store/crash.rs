@@ -42,8 +42,10 @@ mod debug {
     use std::sync::Arc;
 
     use boundkey_auth::authority::AuthorityState;
-    use boundkey_auth::model::{AuditEvent, Bot, BotInstance, Lock, Token, TokenSpec};
-    use boundkey_auth::store::{AuditQuery, Commit, Store, StoreError};
+    use boundkey_auth::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec};
+    use boundkey_auth::store::{
+        AuditQuery, BotCounts, Commit, InstanceQuery, Store, StoreError, TokenQuery,
+    };
     use boundkey_proto::UnixTime;
 
     /// Delegates every call to `inner`; aborts the process at one point of the `nth` commit.
@@ -102,6 +104,9 @@ mod debug {
         fn list_tokens(&self) -> Result<Vec<Token>, StoreError> {
             self.inner.list_tokens()
         }
+        fn page_tokens(&self, q: &TokenQuery) -> Result<Vec<Token>, StoreError> {
+            self.inner.page_tokens(q)
+        }
         fn update_token_spec(
             &self,
             name: &str,
@@ -118,6 +123,12 @@ mod debug {
         }
         fn list_instances(&self, bot: Option<&str>) -> Result<Vec<BotInstance>, StoreError> {
             self.inner.list_instances(bot)
+        }
+        fn page_instances(&self, q: &InstanceQuery) -> Result<Vec<BotInstance>, StoreError> {
+            self.inner.page_instances(q)
+        }
+        fn bot_counts(&self, bot: &str, now: UnixTime) -> Result<BotCounts, StoreError> {
+            self.inner.bot_counts(bot, now)
         }
         fn update_instance(
             &self,
@@ -149,6 +160,12 @@ mod debug {
         }
         fn list_locks(&self) -> Result<Vec<Lock>, StoreError> {
             self.inner.list_locks()
+        }
+        fn locks_for(&self, targets: &[LockTarget]) -> Result<Vec<Lock>, StoreError> {
+            self.inner.locks_for(targets)
+        }
+        fn get_lock(&self, name: &str) -> Result<Option<Lock>, StoreError> {
+            self.inner.get_lock(name)
         }
         fn delete_lock(&self, name: &str) -> Result<bool, StoreError> {
             self.inner.delete_lock(name)

@@ -5,25 +5,34 @@ use std::sync::Arc;
 
 use boundkey_auth::store::Store;
 
+mod codec;
 pub mod crash;
+pub mod postgres;
+mod query;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
+pub use postgres::{PostgresOptions, PostgresStore, PostgresUrl};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StorageUrlError {
-    #[error("postgres:// is not supported yet; use sqlite:PATH")]
-    PostgresNotSupported,
     #[error("storage URL {0:?} has an empty path (expected sqlite:PATH)")]
     EmptyPath(String),
-    #[error("unsupported storage URL {0:?} (expected sqlite:PATH)")]
+    #[error(
+        "unsupported storage URL {0:?} (expected sqlite:PATH or postgres://USER@HOST:PORT/DB)"
+    )]
     Unsupported(String),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PostgresUrlError),
 }
 
 /// A parsed `--storage` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageUrl {
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
 }
 
 impl StorageUrl {
@@ -34,8 +43,8 @@ impl StorageUrl {
 
     pub fn parse(s: &str) -> Result<Self, StorageUrlError> {
         let lower = s.to_ascii_lowercase();
-        if lower.starts_with("postgres:") || lower.starts_with("postgresql:") {
-            return Err(StorageUrlError::PostgresNotSupported);
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            return Ok(StorageUrl::Postgres(PostgresUrl::parse(s)?));
         }
         let Some(rest) = s.strip_prefix("sqlite:") else {
             return Err(StorageUrlError::Unsupported(s.into()));
@@ -48,10 +57,15 @@ impl StorageUrl {
         Ok(StorageUrl::Sqlite(PathBuf::from(path)))
     }
 
-    /// Opens the store.
-    pub fn open(&self) -> Result<Arc<dyn Store>, OpenStoreError> {
+    /// Opens the store. `pg` is for PostgreSQL (password, pool size); a password given for
+    /// SQLite is refused rather than ignored.
+    pub fn open(&self, pg: &PostgresOptions) -> Result<Arc<dyn Store>, OpenStoreError> {
         match self {
+            StorageUrl::Sqlite(_) if pg.password.is_some() => {
+                Err(OpenStoreError::PasswordForSqlite)
+            }
             StorageUrl::Sqlite(p) => Ok(Arc::new(SqliteStore::open(p)?)),
+            StorageUrl::Postgres(u) => Ok(Arc::new(PostgresStore::open(u, pg)?)),
         }
     }
 }
@@ -60,6 +74,7 @@ impl std::fmt::Display for StorageUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StorageUrl::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            StorageUrl::Postgres(u) => write!(f, "{u}"),
         }
     }
 }
@@ -68,6 +83,12 @@ impl std::fmt::Display for StorageUrl {
 pub enum OpenStoreError {
     #[error(transparent)]
     Sqlite(#[from] sqlite::OpenError),
+    #[error(transparent)]
+    Postgres(#[from] postgres::OpenError),
+    #[error(
+        "--storage-password-file is for postgres:// storage; the SQLite store takes no password"
+    )]
+    PasswordForSqlite,
 }
 
 #[cfg(test)]
@@ -90,13 +111,21 @@ mod tests {
             StorageUrl::parse("sqlite:///abs.db").unwrap(),
             StorageUrl::Sqlite("/abs.db".into())
         );
-        assert_eq!(
+        assert!(matches!(
             StorageUrl::parse("postgres://u@h/db"),
-            Err(StorageUrlError::PostgresNotSupported)
+            Ok(StorageUrl::Postgres(_))
+        ));
+        assert_eq!(
+            StorageUrl::parse("postgresql://u@h/db")
+                .unwrap()
+                .to_string(),
+            "postgresql://u@h/db"
         );
         assert_eq!(
-            StorageUrl::parse("postgresql://u@h/db"),
-            Err(StorageUrlError::PostgresNotSupported)
+            StorageUrl::parse("postgres://u:pw@h/db"),
+            Err(StorageUrlError::Postgres(
+                postgres::PostgresUrlError::PasswordInUrl
+            ))
         );
         assert!(matches!(
             StorageUrl::parse("sqlite:"),
@@ -106,9 +135,9 @@ mod tests {
             StorageUrl::parse("mysql://x"),
             Err(StorageUrlError::Unsupported(_))
         ));
-        assert!(StorageUrl::parse("postgres://x")
+        assert!(StorageUrl::parse("postgres:x")
             .unwrap_err()
             .to_string()
-            .contains("postgres:// is not supported yet"));
+            .contains("expected sqlite:PATH or postgres://"));
     }
 }

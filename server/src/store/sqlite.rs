@@ -10,12 +10,22 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use boundkey_auth::authority::AuthorityState;
-use boundkey_auth::model::{AuditEvent, Bot, BotInstance, Lock, Token, TokenSpec, TokenStatus};
-use boundkey_auth::store::{AuditQuery, Commit, InstanceWrite, Store, StoreError};
+use boundkey_auth::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenSpec};
+use boundkey_auth::store::{
+    AuditQuery, BotCounts, Commit, InstanceQuery, InstanceWrite, Store, StoreError, TokenQuery,
+};
 use boundkey_auth::UnixTime;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::types::ToSqlOutput;
+use rusqlite::{
+    params, params_from_iter, Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior,
+};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+
+use super::codec::{
+    self, audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql,
+    rev_to_sql, to_json, token_from_row,
+};
+use super::query::{self, Arg, Dialect};
 
 /// How long a writer waits for another writer (another process, or a long transaction) before
 /// giving up with a backend error.
@@ -68,6 +78,31 @@ const MIGRATIONS: &[&str] = &[
     ",
     // 2: audit retention deletes by time.
     "CREATE INDEX audit_time ON audit(time);",
+    // 3: fleet-sized views. Instances page by (created_at, id), locks are found by target,
+    // audit events by bot; the new columns are filled from the documents.
+    "
+    ALTER TABLE instances ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+    UPDATE instances SET created_at = json_extract(doc, '$.spec.created_at');
+    DROP INDEX instances_bot;
+    CREATE INDEX instances_page ON instances(created_at, id);
+    CREATE INDEX instances_bot_page ON instances(bot_name, created_at, id);
+    DROP INDEX tokens_bot;
+    CREATE INDEX tokens_bot_page ON tokens(bot_name, name);
+    ALTER TABLE locks ADD COLUMN target_kind TEXT NOT NULL DEFAULT '';
+    ALTER TABLE locks ADD COLUMN target_value TEXT NOT NULL DEFAULT '';
+    UPDATE locks SET
+        target_kind = CASE
+            WHEN json_type(doc, '$.target.bot') IS NOT NULL THEN 'bot'
+            WHEN json_type(doc, '$.target.bot_instance_id') IS NOT NULL THEN 'bot_instance_id'
+            ELSE 'join_token' END,
+        target_value = coalesce(json_extract(doc, '$.target.bot'),
+            json_extract(doc, '$.target.bot_instance_id'),
+            json_extract(doc, '$.target.join_token'), '');
+    CREATE INDEX locks_target ON locks(target_kind, target_value);
+    ALTER TABLE audit ADD COLUMN bot_name TEXT;
+    UPDATE audit SET bot_name = json_extract(doc, '$.bot_name');
+    CREATE INDEX audit_bot ON audit(bot_name, id);
+    ",
 ];
 
 /// Why the database could not be opened. Always names the file.
@@ -106,24 +141,6 @@ pub enum OpenError {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
-}
-
-fn to_json<T: Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Backend(format!("encoding: {e}")))
-}
-
-fn from_json<T: DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
-    serde_json::from_str(s)
-        .map_err(|e| StoreError::Backend(format!("stored {what} is corrupt: {e}")))
-}
-
-fn rev_to_sql(rev: u64) -> Result<i64, StoreError> {
-    i64::try_from(rev).map_err(|_| StoreError::Backend(format!("revision {rev} out of range")))
-}
-
-fn rev_from_sql(rev: i64) -> u64 {
-    // Revisions are written by this code starting at 1 and only ever incremented.
-    u64::try_from(rev).unwrap_or(0)
 }
 
 fn is_constraint(e: &rusqlite::Error) -> bool {
@@ -316,27 +333,21 @@ fn read_token(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, String,
     ))
 }
 
-fn token_from_row(
-    (name, created_at, spec, status, revision): (String, i64, String, String, i64),
-) -> Result<Token, StoreError> {
-    Ok(Token {
-        spec: from_json::<TokenSpec>(&format!("token {name} spec"), &spec)?,
-        status: from_json::<TokenStatus>(&format!("token {name} status"), &status)?,
-        name,
-        revision: rev_from_sql(revision),
-        created_at,
-    })
-}
-
-fn instance_from_row(
-    (id, doc, revision): (String, String, i64),
-) -> Result<BotInstance, StoreError> {
-    let mut i: BotInstance = from_json(&format!("bot instance {id}"), &doc)?;
-    i.revision = rev_from_sql(revision);
-    Ok(i)
-}
-
 const TOKEN_COLS: &str = "name, created_at, spec, status, revision";
+
+/// A bot's tokens, instances, and instances active at `?2` (see `BotInstance::is_expired`).
+const BOT_COUNTS_SQL: &str = "SELECT (SELECT count(*) FROM tokens WHERE bot_name = ?1),
+     count(*), coalesce(sum(CASE WHEN expires > ?2 THEN 1 ELSE 0 END), 0)
+     FROM instances WHERE bot_name = ?1";
+
+impl ToSql for Arg {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        match self {
+            Arg::Int(i) => i.to_sql(),
+            Arg::Text(t) => t.to_sql(),
+        }
+    }
+}
 
 impl Store for SqliteStore {
     fn create_bot(&self, bot: &Bot) -> Result<(), StoreError> {
@@ -428,6 +439,17 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn page_tokens(&self, q: &TokenQuery) -> Result<Vec<Token>, StoreError> {
+        let query = query::tokens(Dialect::Sqlite, TOKEN_COLS, q);
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(&query.sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params_from_iter(&query.args), read_token)
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| token_from_row(r.map_err(|e| self.err(e))?))
+            .collect()
+    }
+
     fn update_token_spec(
         &self,
         name: &str,
@@ -490,6 +512,29 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn page_instances(&self, q: &InstanceQuery) -> Result<Vec<BotInstance>, StoreError> {
+        let query = query::instances(Dialect::Sqlite, "id, doc, revision", q);
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(&query.sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params_from_iter(&query.args), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| instance_from_row(r.map_err(|e| self.err(e))?))
+            .collect()
+    }
+
+    fn bot_counts(&self, bot: &str, now: UnixTime) -> Result<BotCounts, StoreError> {
+        let counts: (i64, i64, i64) = self
+            .conn()?
+            .query_row(BOT_COUNTS_SQL, params![bot, now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(bot_counts_from_row(counts))
+    }
+
     fn update_instance(
         &self,
         instance: &BotInstance,
@@ -528,7 +573,7 @@ impl Store for SqliteStore {
         // Locks are read under the write lock too: one added while the ceremony ran (after its
         // snapshot) stops the commit, and none can be added between this check and the writes.
         if let Some(guard) = &c.lock_guard {
-            let locks = read_locks(&tx).map_err(|e| self.map_tx(e))?;
+            let locks = read_locks(&tx, &guard.targets).map_err(|e| self.map_tx(e))?;
             if let Some(l) = guard.blocking(&locks) {
                 return Err(StoreError::Locked(l.name.clone()));
             }
@@ -552,9 +597,15 @@ impl Store for SqliteStore {
                 i.revision = 1;
                 let doc = to_json(&i)?;
                 match tx.execute(
-                    "INSERT INTO instances (id, bot_name, expires, doc, revision)
-                     VALUES (?1, ?2, ?3, ?4, 1)",
-                    params![i.spec.instance_id, i.spec.bot_name, i.status.expires, doc],
+                    "INSERT INTO instances (id, bot_name, created_at, expires, doc, revision)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                    params![
+                        i.spec.instance_id,
+                        i.spec.bot_name,
+                        i.spec.created_at,
+                        i.status.expires,
+                        doc
+                    ],
                 ) {
                     Ok(_) => {}
                     Err(e) if is_constraint(&e) => {
@@ -582,8 +633,9 @@ impl Store for SqliteStore {
         let n = self
             .conn()?
             .execute(
-                "INSERT INTO locks (name, doc) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
-                params![lock.name, doc],
+                "INSERT INTO locks (name, target_kind, target_value, doc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO NOTHING",
+                params![lock.name, lock.target.kind(), lock.target.value(), doc],
             )
             .map_err(|e| self.err(e))?;
         Ok(n == 1)
@@ -591,6 +643,23 @@ impl Store for SqliteStore {
 
     fn list_locks(&self) -> Result<Vec<Lock>, StoreError> {
         self.list_named_docs("locks", "lock")
+    }
+
+    fn locks_for(&self, targets: &[LockTarget]) -> Result<Vec<Lock>, StoreError> {
+        let conn = self.conn()?;
+        read_locks(&conn, targets).map_err(|e| self.map_tx(e))
+    }
+
+    fn get_lock(&self, name: &str) -> Result<Option<Lock>, StoreError> {
+        let doc: Option<String> = self
+            .conn()?
+            .query_row("SELECT doc FROM locks WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        doc.map(|d| from_json(&format!("lock {name}"), &d))
+            .transpose()
     }
 
     fn delete_lock(&self, name: &str) -> Result<bool, StoreError> {
@@ -607,28 +676,17 @@ impl Store for SqliteStore {
     }
 
     fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
-        let limit = q
-            .limit
-            .map(|l| i64::try_from(l).unwrap_or(i64::MAX))
-            .unwrap_or(-1);
+        let query = query::audit(Dialect::Sqlite, "id, doc", q);
         let conn = self.conn()?;
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, doc FROM audit
-                 WHERE (?1 IS NULL OR type = ?1) AND (?2 IS NULL OR time >= ?2)
-                 ORDER BY id DESC LIMIT ?3",
-            )
-            .map_err(|e| self.err(e))?;
+        let mut stmt = conn.prepare_cached(&query.sql).map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![q.kind, q.since, limit], |r| {
+            .query_map(params_from_iter(&query.args), |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
             })
             .map_err(|e| self.err(e))?;
         rows.map(|r| {
             let (id, doc) = r.map_err(|e| self.err(e))?;
-            let mut ev: AuditEvent = from_json(&format!("audit event {id}"), &doc)?;
-            ev.id = rev_from_sql(id);
-            Ok(ev)
+            audit_from_row(id, &doc)
         })
         .collect()
     }
@@ -687,22 +745,12 @@ impl Store for SqliteStore {
     }
 }
 
-/// Errors from helpers that run inside a transaction: either a store-level outcome (conflict,
-/// not found) or a database failure still to be tagged with the file name.
-enum TxError {
-    Store(StoreError),
-    Sql(rusqlite::Error),
-}
+/// What a helper running inside a transaction fails with.
+type TxError = codec::TxError<rusqlite::Error>;
 
 impl From<rusqlite::Error> for TxError {
     fn from(e: rusqlite::Error) -> Self {
         TxError::Sql(e)
-    }
-}
-
-impl From<StoreError> for TxError {
-    fn from(e: StoreError) -> Self {
-        TxError::Store(e)
     }
 }
 
@@ -759,9 +807,12 @@ fn update_instance_tx(
     Ok(())
 }
 
-fn read_locks(conn: &Connection) -> Result<Vec<Lock>, TxError> {
-    let mut stmt = conn.prepare_cached("SELECT name, doc FROM locks")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+fn read_locks(conn: &Connection, targets: &[LockTarget]) -> Result<Vec<Lock>, TxError> {
+    let query = query::locks_for(Dialect::Sqlite, "name, doc", targets);
+    let mut stmt = conn.prepare_cached(&query.sql)?;
+    let rows = stmt.query_map(params_from_iter(&query.args), |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
     let mut locks = Vec::new();
     for row in rows {
         let (name, doc) = row?;
@@ -771,11 +822,11 @@ fn read_locks(conn: &Connection) -> Result<Vec<Lock>, TxError> {
 }
 
 fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), TxError> {
-    let mut stmt =
-        conn.prepare_cached("INSERT INTO audit (time, type, doc) VALUES (?1, ?2, ?3)")?;
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO audit (time, type, bot_name, doc) VALUES (?1, ?2, ?3, ?4)")?;
     for ev in events {
         let doc = to_json(ev)?;
-        stmt.execute(params![ev.time, ev.kind, doc])?;
+        stmt.execute(params![ev.time, ev.kind, ev.bot_name, doc])?;
     }
     Ok(())
 }

@@ -200,6 +200,25 @@ impl Server {
         })
     }
 
+    /// A paged listing (`instances ls`, `tokens ls`, `audit ls`) in JSON: the page's items, as
+    /// a JSON array.
+    pub fn ctl_list(&self, args: &[&str]) -> Value {
+        let key = match args.first() {
+            Some(&"instances") => "instances",
+            Some(&"tokens") => "tokens",
+            Some(&"audit") => "events",
+            other => panic!("not a paged listing: {other:?}"),
+        };
+        let page = self.ctl(args);
+        assert!(
+            page.get("next").is_some(),
+            "a page has a next field: {page}"
+        );
+        page.get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key} in {page}"))
+    }
+
     pub fn client_config(
         &self,
         identity: Option<(&str, &p256::SecretKey)>,
