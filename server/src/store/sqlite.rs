@@ -141,6 +141,34 @@ pub enum OpenError {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The integrity check of a database too large to check before serving, running on its
+    /// own connection; its verdict (`ok`, or what is damaged).
+    background_check: Mutex<Option<std::thread::JoinHandle<String>>>,
+}
+
+/// Databases up to this size are checked (`PRAGMA quick_check`) before the service starts; the
+/// check reads the whole file, which for a fleet of a million devices (several GB) takes
+/// minutes, so a larger one is checked in the background while the service runs.
+pub const QUICK_CHECK_AT_OPEN_MAX: u64 = 256 * 1024 * 1024;
+
+/// Runs `PRAGMA quick_check` on a read-only connection of its own and logs the verdict: a
+/// damaged file is an error an operator must see, but it must not keep a large fleet's service
+/// from starting for minutes.
+fn spawn_background_check(path: &Path, size: u64) -> std::thread::JoinHandle<String> {
+    tracing::info!(path = %path.display(), size, "checking the database's integrity in the background (large file)");
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let verdict =
+            Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|c| c.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)))
+                .unwrap_or_else(|e| e.to_string());
+        if verdict == "ok" {
+            tracing::info!(path = %path.display(), "database integrity check passed");
+        } else {
+            tracing::error!(path = %path.display(), detail = %verdict, "the database failed SQLite's integrity check (the file is damaged): stop the service and restore it from a backup");
+        }
+        verdict
+    })
 }
 
 fn is_constraint(e: &rusqlite::Error) -> bool {
@@ -153,6 +181,15 @@ impl SqliteStore {
     /// The file holds the CA private keys, so it and its `-wal`/`-shm` companions are kept
     /// owner-only (0600) wherever `path` points: see [`restrict_files`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Self::open_checking(path, QUICK_CHECK_AT_OPEN_MAX)
+    }
+
+    /// [`SqliteStore::open`], checking the file before returning only if it is at most
+    /// `check_at_open_max` bytes.
+    pub fn open_checking(
+        path: impl AsRef<Path>,
+        check_at_open_max: u64,
+    ) -> Result<Self, OpenError> {
         let path = path.as_ref().to_path_buf();
         restrict_files(&path)?;
         let conn = Connection::open(&path).map_err(|source| OpenError::Open {
@@ -176,15 +213,21 @@ impl SqliteStore {
         // survive power loss, or a device could hold a key the server forgot it bound.
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(corrupt)?;
-        let check: String = conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(corrupt)?;
-        if check != "ok" {
-            return Err(OpenError::Damaged {
-                path: path.clone(),
-                detail: check,
-            });
-        }
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let background_check = if size <= check_at_open_max {
+            let check: String = conn
+                .query_row("PRAGMA quick_check", [], |r| r.get(0))
+                .map_err(corrupt)?;
+            if check != "ok" {
+                return Err(OpenError::Damaged {
+                    path: path.clone(),
+                    detail: check,
+                });
+            }
+            None
+        } else {
+            Some(spawn_background_check(&path, size))
+        };
         let mut conn = conn;
         migrate(&mut conn, &path)?;
         // The WAL switch above may have just created -wal and -shm; SQLite gives them the
@@ -193,7 +236,19 @@ impl SqliteStore {
         Ok(SqliteStore {
             path,
             conn: Mutex::new(conn),
+            background_check: Mutex::new(background_check),
         })
+    }
+
+    /// The verdict of a background integrity check (`Some("ok")` when the file is sound), once
+    /// it finished; `None` if none ran. Waits for it.
+    pub fn wait_background_check(&self) -> Option<String> {
+        let handle = self.background_check.lock().ok()?.take()?;
+        Some(
+            handle
+                .join()
+                .unwrap_or_else(|_| "the check's thread failed".into()),
+        )
     }
 
     pub fn path(&self) -> &Path {

@@ -34,6 +34,59 @@ fn garbage_file_gives_an_error_naming_it() {
     assert!(err.contains("not a usable"), "{err}");
 }
 
+/// A database with many pages, then a page in its middle overwritten (page 1, the header and
+/// schema, intact): the damage only a whole-file check finds.
+fn damaged_database(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let path = dir.path().join("boundkey.db");
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        let c = s.conn().unwrap();
+        c.execute_batch("CREATE TABLE filler (x BLOB); CREATE INDEX filler_x ON filler(x);")
+            .unwrap();
+        for i in 0..2000u32 {
+            c.execute(
+                "INSERT INTO filler VALUES (?1)",
+                [i.to_le_bytes().repeat(64)],
+            )
+            .unwrap();
+        }
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    let page = 4096;
+    let middle = (bytes.len() / page / 2) * page;
+    for b in &mut bytes[middle..middle + page] {
+        *b = 0x5a;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_damaged_file_is_refused_at_open_and_a_large_one_is_checked_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = damaged_database(&dir);
+    // Small enough to check before serving: refused, naming the file.
+    let err = SqliteStore::open(&path).err().expect("refused").to_string();
+    assert!(
+        err.contains("integrity check") && err.contains(&path.display().to_string()),
+        "{err}"
+    );
+    // Over the limit: the service starts, and the check that runs beside it finds the damage.
+    let s = SqliteStore::open_checking(&path, 0).unwrap();
+    let verdict = s.wait_background_check().expect("a background check ran");
+    assert_ne!(verdict, "ok");
+    // A sound file passes either way.
+    let sound = tempfile::tempdir().unwrap();
+    drop(open(&sound));
+    let s = SqliteStore::open_checking(sound.path().join("boundkey.db"), 0).unwrap();
+    assert_eq!(s.wait_background_check().as_deref(), Some("ok"));
+    assert!(
+        open(&sound).wait_background_check().is_none(),
+        "checked at open instead"
+    );
+}
+
 #[test]
 fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
