@@ -8,7 +8,7 @@ use boundkey_proto::{ClientMessage, Endpoint, Heartbeat, ServerMessage};
 
 use crate::error::AgentError;
 use crate::session::CEREMONY_TIMEOUT;
-use crate::transport::{self, ClientIdentity, TransportError, Trust};
+use crate::transport::{self, ClientIdentity, SessionCache, TransportError, Trust};
 
 /// Everything a heartbeat needs, detached from the agent so a separate task can send it.
 #[derive(Debug)]
@@ -16,6 +16,9 @@ pub(crate) struct HeartbeatTarget {
     pub(crate) endpoint: Endpoint,
     pub(crate) trust: Trust,
     pub(crate) client: ClientIdentity,
+    /// The TLS session of the previous heartbeat with this identity, resumed by the next one.
+    /// A new identity (renewal) comes with a new target and so a new, empty cache.
+    pub(crate) sessions: SessionCache,
     pub(crate) keystore: Backend,
     pub(crate) one_shot: bool,
 }
@@ -37,7 +40,8 @@ pub(crate) async fn send(
         keystore: t.keystore,
     };
     let exchange = async {
-        let mut conn = transport::connect(&t.endpoint, &t.trust, Some(&t.client)).await?;
+        let mut conn =
+            transport::connect(&t.endpoint, &t.trust, Some(&t.client), Some(&t.sessions)).await?;
         conn.send(&ClientMessage::Heartbeat(hb)).await?;
         let reply = conn.recv().await?;
         conn.close().await;

@@ -346,6 +346,7 @@ impl Agent {
             endpoint: t.endpoint.clone(),
             trust: t.trust.clone(),
             client,
+            sessions: transport::session_cache(),
             keystore: self.device.state.backend(),
             one_shot: self.settings.oneshot,
         })
@@ -455,7 +456,7 @@ async fn drive(
     fx: &mut AgentEffects<'_>,
 ) -> Result<(Outcome, Option<CertificateDer<'static>>), AgentError> {
     let expected_key = expected_key.and_then(|k| KeyName::new(&k).ok());
-    let mut conn = transport::connect(&t.endpoint, &t.trust, client).await?;
+    let mut conn = transport::connect(&t.endpoint, &t.trust, client, None).await?;
     conn.send(&first).await?;
     crash::point("after-init-sent");
     // A hint only: an operation that needs what failed to load reports the failure itself.

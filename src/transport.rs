@@ -10,6 +10,11 @@
 //!   first contact, or a CA file).
 //!
 //! A client certificate is presented (mTLS) when the caller passes one.
+//!
+//! Ceremonies always make a full handshake (the auth service refuses a ceremony on a resumed
+//! session). Heartbeats pass a [`SessionCache`] that outlives one connection, so the next
+//! heartbeat resumes the TLS session (one ECDHE, no signatures or certificate checks on either
+//! side) instead of a full handshake: docs/decisions.md, "Heartbeats resume their TLS session".
 
 use std::fmt;
 use std::io;
@@ -91,6 +96,14 @@ pub(crate) use boundkey_proto::Endpoint;
 pub(crate) enum Trust {
     Pin(CaPin),
     Ca(Vec<CertificateDer<'static>>),
+}
+
+/// TLS sessions kept between connections made with one identity (heartbeats only).
+pub(crate) type SessionCache = Arc<dyn rustls::client::ClientSessionStore>;
+
+/// A cache for the one auth service a heartbeat target talks to.
+pub(crate) fn session_cache() -> SessionCache {
+    Arc::new(rustls::client::ClientSessionMemoryCache::new(1))
 }
 
 /// A client certificate chain and its private key, for mTLS.
@@ -338,11 +351,13 @@ impl fmt::Debug for Connection {
 }
 
 /// Connects, performs the TLS 1.3 handshake (presenting `client` if given) and authenticates the
-/// server per `trust`.
+/// server per `trust`. With `sessions`, a session kept there from an earlier connection is
+/// resumed and the new one kept; without, the handshake is a full one.
 pub(crate) async fn connect(
     endpoint: &Endpoint,
     trust: &Trust,
     client: Option<&ClientIdentity>,
+    sessions: Option<&SessionCache>,
 ) -> Result<Connection, TransportError> {
     let addr = endpoint.to_string();
     let provider = provider();
@@ -370,11 +385,15 @@ pub(crate) async fn connect(
             builder.with_root_certificates(roots)
         }
     };
-    let config = match client {
+    let mut config = match client {
         Some(id) => builder
             .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
             .map_err(|e| TransportError::Config(format!("identity certificate: {e}")))?,
         None => builder.with_no_client_auth(),
+    };
+    config.resumption = match sessions {
+        Some(store) => rustls::client::Resumption::store(store.clone()),
+        None => rustls::client::Resumption::disabled(),
     };
     let server_name = ServerName::try_from(endpoint.host.clone())
         .map_err(|e| TransportError::Config(format!("server name {:?}: {e}", endpoint.host)))?;

@@ -144,7 +144,19 @@ impl ClientCertVerifier for ReloadableClientVerifier {
     }
 }
 
+/// TLS 1.3 session tickets issued after each full handshake. One is enough: a heartbeat
+/// client resumes its latest session once and receives a new ticket each time.
+const TICKETS_PER_HANDSHAKE: usize = 1;
+
 /// The listener's TLS configuration: TLS 1.3 only, certificate for `names`.
+///
+/// Sessions resume from stateless tickets (encrypted with a key that lives in this process's
+/// memory only and rotates every 6 hours): a heartbeat then costs one ECDHE instead of a full
+/// handshake's signature, certificate chain check and ECDHE, and the server keeps nothing per
+/// session, so its memory does not grow with the fleet. What a resumed session may do is the
+/// listener's and the service's decision (docs/decisions.md, "Heartbeats resume their TLS
+/// session"): only heartbeats, and the certificate restored from the ticket is verified again
+/// at every use. No early data is accepted (`max_early_data_size` stays 0).
 pub fn server_config(
     provider: Arc<CryptoProvider>,
     authority: &Authority,
@@ -153,9 +165,13 @@ pub fn server_config(
     now: UnixTime,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let (chain, key) = authority.issue_server_cert(names, now)?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, PrivateKeyDer::Pkcs8(key))?;
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    // No server-side session cache: tickets carry the session, so nothing is stored per client.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
 }

@@ -503,6 +503,32 @@ impl Store for SqliteStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// One IMMEDIATE transaction, so one sync to disk, for the whole group. A compare-and-swap
+    /// that misses changes nothing, so it needs no savepoint; a database error fails the group.
+    fn update_instances(&self, updates: &[(BotInstance, u64)]) -> Vec<Result<(), StoreError>> {
+        let all = |e: StoreError| updates.iter().map(|_| Err(e.clone())).collect();
+        let mut conn = match self.conn() {
+            Ok(c) => c,
+            Err(e) => return all(e),
+        };
+        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => return all(self.err(e)),
+        };
+        let mut results = Vec::with_capacity(updates.len());
+        for (instance, expected_revision) in updates {
+            match update_instance_tx(&tx, instance, *expected_revision) {
+                Ok(()) => results.push(Ok(())),
+                Err(TxError::Store(e)) => results.push(Err(e)),
+                Err(TxError::Sql(e)) => return all(self.err(e)),
+            }
+        }
+        match tx.commit() {
+            Ok(()) => results,
+            Err(e) => all(self.err(e)),
+        }
+    }
+
     fn delete_instance(&self, id: &str) -> Result<bool, StoreError> {
         let n = self
             .conn()?
