@@ -22,7 +22,7 @@ use crate::outputs::Outputs;
 use crate::resolve::{self, AttemptPlan, Resolved, Target};
 use crate::storage::{Identity, InFlight, JoinInfo, Secret, State, Storage};
 use crate::time::{rfc3339, unix_now};
-use crate::transport::{self, ClientIdentity, TransportError};
+use crate::transport::{self, ClientIdentity, ClientTls, TransportError};
 
 /// Longest a whole ceremony (connect, handshake, every round) may take.
 pub(crate) const CEREMONY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -344,9 +344,7 @@ impl Agent {
         let client = ClientIdentity::from_pem(&id.certificate, &id.private_key.0).ok()?;
         Some(HeartbeatTarget {
             endpoint: t.endpoint.clone(),
-            trust: t.trust.clone(),
-            client,
-            sessions: transport::session_cache(),
+            tls: ClientTls::new(&t.trust, Some(&client), true).ok()?,
             keystore: self.device.state.backend(),
             one_shot: self.settings.oneshot,
         })
@@ -456,7 +454,7 @@ async fn drive(
     fx: &mut AgentEffects<'_>,
 ) -> Result<(Outcome, Option<CertificateDer<'static>>), AgentError> {
     let expected_key = expected_key.and_then(|k| KeyName::new(&k).ok());
-    let mut conn = transport::connect(&t.endpoint, &t.trust, client, None).await?;
+    let mut conn = transport::connect(&t.endpoint, &t.trust, client).await?;
     conn.send(&first).await?;
     crash::point("after-init-sent");
     // A hint only: an operation that needs what failed to load reports the failure itself.

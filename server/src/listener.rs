@@ -378,6 +378,9 @@ async fn connection(
         let reply = ServerMessage::error(ErrorCode::BadRequest, RESUMED_CEREMONY);
         return finish(&mut tls, Some(reply)).await;
     }
+    if resumed {
+        tracing::debug!(%peer, "TLS session resumed for a heartbeat");
+    }
     let conn = Connection {
         remote_addr: peer.to_string(),
         peer_certificates: tls
