@@ -92,7 +92,7 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     heartbeat_rate: f64,
     /// Phases to run, comma-separated: joins, renewals, heartbeats (joins always run when a
-    /// later phase needs devices).
+    /// later phase needs devices); `floor` alone measures the crypto floor and starts no authd.
     #[arg(long, default_value = "joins,renewals,heartbeats")]
     phases: String,
     /// authd processes to start, sharing one SQLite file (each with its own data directory).
@@ -1013,6 +1013,9 @@ fn main() {
 
 async fn run(args: Args) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.phases.trim() == "floor" {
+        return Floor::measure(args.floor_iters).print();
+    }
     let extra: Vec<String> = args
         .authd_args
         .split_whitespace()
