@@ -910,12 +910,13 @@ where
         BTreeMap::<String, usize>::new(),
         0usize,
     )));
+    let devices: Arc<[Arc<Mutex<Device>>]> = devices.into();
     let before = probe.mark();
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency.max(1) {
         let (op, next, results) = (op.clone(), next.clone(), results.clone());
-        let devices: Vec<_> = devices.to_vec();
+        let devices = devices.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
