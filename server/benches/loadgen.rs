@@ -1024,9 +1024,10 @@ async fn run(args: Args) {
         .collect();
 
     // The servers: started here (sharing one SQLite file when there are several), or given.
+    // Declared before the servers, so it is removed after they stopped.
+    let shared = tempfile::tempdir().unwrap();
     let mut servers = Vec::new();
     let (target, socket, pids) = if args.connect.is_empty() {
-        let shared = tempfile::tempdir().unwrap();
         let storage = format!("sqlite:{}", shared.path().join("boundkey.db").display());
         for _ in 0..args.nodes.max(1) {
             let mut a: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -1048,7 +1049,6 @@ async fn run(args: Args) {
         };
         let socket = servers[0].data_dir.join(SOCKET_NAME);
         let pids = servers.iter().map(|s| s.pid()).collect();
-        std::mem::forget(shared); // the database outlives the servers; removed with /tmp
         (target, socket, pids)
     } else {
         let ca = args.ca_file.clone().expect("--connect needs --ca-file");
