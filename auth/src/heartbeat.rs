@@ -264,6 +264,29 @@ mod tests {
     }
 
     #[test]
+    fn writers_in_a_loop_all_get_through() {
+        let store = Arc::new(MemoryStore::new());
+        let writer = Arc::new(GroupWriter::default());
+        let threads: Vec<_> = (0..8)
+            .map(|k| {
+                let (store, writer) = (store.clone(), writer.clone());
+                let mut inst = stored(&store, k);
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        let rev = inst.revision;
+                        writer.write(&*store, inst.clone(), rev).unwrap();
+                        inst = store.get_instance(&inst.spec.instance_id).unwrap().unwrap();
+                    }
+                    inst.revision
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 201);
+        }
+    }
+
+    #[test]
     fn a_failed_group_write_answers_every_caller() {
         let store = MemoryStore::new();
         let writer = GroupWriter::default();
