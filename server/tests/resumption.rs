@@ -58,17 +58,7 @@ async fn exchange(
 /// A device that joined, and a TLS configuration with its identity that keeps sessions.
 async fn joined(s: &Server, ttl_secs: u64) -> (Agent, Arc<rustls::ClientConfig>) {
     s.ctl(&["bots", "add", "robot"]);
-    let v = s.ctl(&[
-        "tokens",
-        "add",
-        "--bot",
-        "robot",
-        "--join-method",
-        "bound_keypair",
-    ]);
-    let token = v["name"].as_str().unwrap().to_string();
-    let secret = v["registration_secret"].as_str().unwrap().to_string();
-    let mut agent = Agent::new(s, &token, Some(&secret));
+    let mut agent = s.new_device("robot");
     agent.ttl_secs = ttl_secs;
     agent.join().await.expect("join");
     // `client_config` keeps rustls's default in-memory session cache.
@@ -199,19 +189,7 @@ async fn concurrent_heartbeats_are_each_acknowledged_and_recorded() {
     s.ctl(&["bots", "add", "fleet"]);
     let mut devices = Vec::new();
     for _ in 0..8 {
-        let v = s.ctl(&[
-            "tokens",
-            "add",
-            "--bot",
-            "fleet",
-            "--join-method",
-            "bound_keypair",
-        ]);
-        let mut a = Agent::new(
-            &s,
-            v["name"].as_str().unwrap(),
-            v["registration_secret"].as_str(),
-        );
+        let mut a = s.new_device("fleet");
         a.join().await.unwrap();
         devices.push(Arc::new(a));
     }

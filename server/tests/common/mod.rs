@@ -211,6 +211,21 @@ impl Server {
         })
     }
 
+    /// A new device for `bot` (which must exist): a bound-keypair token with a generated
+    /// registration secret, and an agent holding both, not joined yet.
+    pub fn new_device(&self, bot: &str) -> Agent {
+        let v = self.ctl(&[
+            "tokens",
+            "add",
+            "--bot",
+            bot,
+            "--join-method",
+            "bound_keypair",
+        ]);
+        let token = v["name"].as_str().expect("token name");
+        Agent::new(self, token, v["registration_secret"].as_str())
+    }
+
     pub fn client_config(
         &self,
         identity: Option<(&str, &p256::SecretKey)>,
