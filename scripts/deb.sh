@@ -2,8 +2,8 @@
 # Builds the two Debian packages and tests them on this machine (root; Debian 12):
 #   1. cargo-deb (installed with `cargo install cargo-deb --locked` when missing) packs
 #      boundkeyd (the agent built alone with `-p boundkey`, TPM backend) and boundkey-authd
-#      (boundkey-authd and boundkeyctl) from target/release (built here; an up-to-date build
-#      is reused);
+#      (boundkey-authd and boundkeyctl, built for speed with the `server` profile) from
+#      target/release and target/server (built here; an up-to-date build is reused);
 #   2. both are installed with dpkg; the installed files, user, groups, directories, conffiles
 #      and Depends are checked, and neither unit is enabled;
 #   3. the installed boundkey-authd runs by its unit's ExecStart line as its user, the
@@ -74,14 +74,15 @@ cleanup() {
 trap cleanup EXIT
 
 # --- 1. build and pack ------------------------------------------------------------------------
-echo "== build (release) and pack"
+echo "== build (release; server profile for authd) and pack"
 # The agent alone: built with the workspace, features of the server's dependencies would be
 # unified into it.
 cargo build --release --locked -p boundkey --bin boundkeyd
-cargo build --release --locked -p boundkey-server --bins
+# The service for speed (opt-level 3), in target/server (Cargo.toml, [profile.server]).
+cargo build --profile server --locked -p boundkey-server --bins
 rm -rf "$target/debian"
 cargo deb -p boundkey --no-build >"$tmp/deb-agent.out"
-cargo deb -p boundkey-server --no-build >"$tmp/deb-server.out"
+cargo deb -p boundkey-server --no-build --profile server >"$tmp/deb-server.out"
 agent_deb="$(tail -n 1 "$tmp/deb-agent.out")"
 server_deb="$(tail -n 1 "$tmp/deb-server.out")"
 [ -f "$agent_deb" ] || die "cargo deb did not print the agent package's path"

@@ -8,14 +8,15 @@ use boundkey_proto::{ClientMessage, Endpoint, Heartbeat, ServerMessage};
 
 use crate::error::AgentError;
 use crate::session::CEREMONY_TIMEOUT;
-use crate::transport::{self, ClientIdentity, TransportError, Trust};
+use crate::transport::{ClientTls, TransportError};
 
 /// Everything a heartbeat needs, detached from the agent so a separate task can send it.
 #[derive(Debug)]
 pub(crate) struct HeartbeatTarget {
     pub(crate) endpoint: Endpoint,
-    pub(crate) trust: Trust,
-    pub(crate) client: ClientIdentity,
+    /// The identity's TLS configuration, kept so that each heartbeat resumes the previous one's
+    /// session. A new identity (renewal) comes with a new target, so a new session.
+    pub(crate) tls: ClientTls,
     pub(crate) keystore: Backend,
     pub(crate) one_shot: bool,
 }
@@ -37,7 +38,7 @@ pub(crate) async fn send(
         keystore: t.keystore,
     };
     let exchange = async {
-        let mut conn = transport::connect(&t.endpoint, &t.trust, Some(&t.client)).await?;
+        let mut conn = t.tls.connect(&t.endpoint).await?;
         conn.send(&ClientMessage::Heartbeat(hb)).await?;
         let reply = conn.recv().await?;
         conn.close().await;

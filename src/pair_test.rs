@@ -18,7 +18,7 @@ use boundkey_auth::store::memory::MemoryStore;
 use boundkey_auth::store::{AuditQuery, Store};
 use boundkey_auth::{Entropy, ServiceConfig};
 use boundkey_proto::claims::RecoveryMode;
-use boundkey_proto::{CeremonyKind, ErrorCode, JoinMethod, ServerMessage};
+use boundkey_proto::{CeremonyKind, ClientMessage, ErrorCode, JoinMethod, ServerMessage};
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -181,8 +181,9 @@ impl Effects for Device {
     }
 }
 
-/// Every message of one ceremony, in order, as JSON. A certificate's signature is made with a
-/// random nonce inside the signing library, so only its to-be-signed part is recorded.
+/// Every message of one ceremony, in order, as JSON. A certificate's and a join-state
+/// document's signatures are made with a random nonce inside the signing library (ring), so
+/// only their signed parts are recorded.
 type Transcript = Vec<String>;
 
 /// The TBSCertificate of a PEM certificate: the first element of the outer DER SEQUENCE.
@@ -205,6 +206,13 @@ fn tbs(pem: &str) -> Vec<u8> {
     inner[..h + len].to_vec()
 }
 
+/// A compact JWS without its signature: `header.payload`.
+fn signed_part(jws: &str) -> String {
+    jws.rsplit_once('.')
+        .map_or(jws, |(input, _)| input)
+        .to_string()
+}
+
 fn record(t: &mut Transcript, m: &ServerMessage) {
     let mut m = m.clone();
     if let ServerMessage::Result(r) = &mut m {
@@ -212,6 +220,15 @@ fn record(t: &mut Transcript, m: &ServerMessage) {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
+        r.join_state = r.join_state.as_deref().map(signed_part);
+    }
+    t.push(serde_json::to_string(&m).unwrap());
+}
+
+fn record_sent(t: &mut Transcript, m: &ClientMessage) {
+    let mut m = m.clone();
+    if let ClientMessage::Init(i) = &mut m {
+        i.join_state = i.join_state.as_deref().map(signed_part);
     }
     t.push(serde_json::to_string(&m).unwrap());
 }
@@ -279,7 +296,7 @@ fn run(
         peer_certificates,
     };
     let (mut ceremony, first) = Ceremony::start(plan);
-    t.push(serde_json::to_string(&first).unwrap());
+    record_sent(t, &first);
     let (mut session, mut action) = w.svc.open(conn, first, w.now);
     loop {
         let (msg, closed) = match action {
@@ -293,7 +310,7 @@ fn run(
         match ceremony.handle(msg, d) {
             Ok(Step::Send(m)) => {
                 assert!(!closed, "the agent answered a closing message");
-                t.push(serde_json::to_string(&m).unwrap());
+                record_sent(t, &m);
                 action = session.handle(m, w.now);
             }
             Ok(Step::Done(outcome)) => {

@@ -22,7 +22,7 @@ use crate::outputs::Outputs;
 use crate::resolve::{self, AttemptPlan, Resolved, Target};
 use crate::storage::{Identity, InFlight, JoinInfo, Secret, State, Storage};
 use crate::time::{rfc3339, unix_now};
-use crate::transport::{self, ClientIdentity, TransportError};
+use crate::transport::{self, ClientIdentity, ClientTls, TransportError};
 
 /// Longest a whole ceremony (connect, handshake, every round) may take.
 pub(crate) const CEREMONY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -344,8 +344,7 @@ impl Agent {
         let client = ClientIdentity::from_pem(&id.certificate, &id.private_key.0).ok()?;
         Some(HeartbeatTarget {
             endpoint: t.endpoint.clone(),
-            trust: t.trust.clone(),
-            client,
+            tls: ClientTls::new(&t.trust, Some(&client), true).ok()?,
             keystore: self.device.state.backend(),
             one_shot: self.settings.oneshot,
         })

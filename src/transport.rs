@@ -10,6 +10,11 @@
 //!   first contact, or a CA file).
 //!
 //! A client certificate is presented (mTLS) when the caller passes one.
+//!
+//! Ceremonies always make a full handshake (the auth service refuses a ceremony on a resumed
+//! session). Heartbeats keep one [`ClientTls`] per identity, so the next heartbeat resumes the
+//! TLS session (one ECDHE, no signatures or certificate checks on either
+//! side) instead of a full handshake: docs/decisions.md, "Heartbeats resume their TLS session".
 
 use std::fmt;
 use std::io;
@@ -337,89 +342,137 @@ impl fmt::Debug for Connection {
     }
 }
 
-/// Connects, performs the TLS 1.3 handshake (presenting `client` if given) and authenticates the
-/// server per `trust`.
+/// A TLS client configuration: how the server is authenticated and which certificate (if any)
+/// is presented. rustls resumes a session only with the configuration that made it, so a
+/// caller that wants resumption (heartbeats) keeps one of these across connections.
+pub(crate) struct ClientTls {
+    trust: Trust,
+    config: Arc<ClientConfig>,
+    pinned: Option<Arc<PinnedVerifier>>,
+    mtls: bool,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("mtls", &self.mtls)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// TLS 1.3, the server authenticated per `trust`, `client` presented if given. With
+    /// `resume`, the session of one connection is kept (in memory, for this configuration
+    /// only) and resumed by the next; without, every handshake is a full one.
+    pub(crate) fn new(
+        trust: &Trust,
+        client: Option<&ClientIdentity>,
+        resume: bool,
+    ) -> Result<ClientTls, TransportError> {
+        let provider = provider();
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let mut pinned = None;
+        let builder = match trust {
+            Trust::Pin(pin) => {
+                let v = Arc::new(PinnedVerifier {
+                    pin: *pin,
+                    provider: provider.clone(),
+                    outcome: Mutex::new(PinOutcome::default()),
+                });
+                pinned = Some(v.clone());
+                builder.dangerous().with_custom_certificate_verifier(v)
+            }
+            Trust::Ca(certs) => {
+                let mut roots = RootCertStore::empty();
+                for c in certs {
+                    roots
+                        .add(c.clone())
+                        .map_err(|e| TransportError::Config(format!("CA certificate: {e}")))?;
+                }
+                builder.with_root_certificates(roots)
+            }
+        };
+        let mut config = match client {
+            Some(id) => builder
+                .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                .map_err(|e| TransportError::Config(format!("identity certificate: {e}")))?,
+            None => builder.with_no_client_auth(),
+        };
+        config.resumption = if resume {
+            // One auth service per configuration.
+            rustls::client::Resumption::in_memory_sessions(1)
+        } else {
+            rustls::client::Resumption::disabled()
+        };
+        Ok(ClientTls {
+            trust: trust.clone(),
+            config: Arc::new(config),
+            pinned,
+            mtls: client.is_some(),
+        })
+    }
+
+    /// Connects and performs the TLS 1.3 handshake.
+    pub(crate) async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, TransportError> {
+        let addr = endpoint.to_string();
+        let server_name = ServerName::try_from(endpoint.host.clone())
+            .map_err(|e| TransportError::Config(format!("server name {:?}: {e}", endpoint.host)))?;
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
+        )
+        .await
+        .map_err(|_| TransportError::Timeout {
+            addr: addr.clone(),
+            secs: CONNECT_TIMEOUT.as_secs(),
+        })?
+        .map_err(|source| TransportError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let connector = TlsConnector::from(self.config.clone());
+        let handshake = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp))
+            .await
+            .map_err(|_| TransportError::Timeout {
+                addr: addr.clone(),
+                secs: CONNECT_TIMEOUT.as_secs(),
+            })?;
+        let outcome = self.pinned.as_ref().map(|v| v.take()).unwrap_or_default();
+        let stream = match handshake {
+            Ok(s) => s,
+            Err(source) => {
+                if let (Trust::Pin(pin), Some(found)) = (&self.trust, outcome.mismatch) {
+                    return Err(TransportError::PinMismatch {
+                        addr,
+                        expected: pin.to_string(),
+                        found,
+                    });
+                }
+                return Err(classify_io(&addr, source, self.mtls, true));
+            }
+        };
+        Ok(Connection {
+            addr,
+            stream,
+            learned_ca: outcome.matched,
+            mtls: self.mtls,
+        })
+    }
+}
+
+/// Connects with a full handshake (presenting `client` if given) and authenticates the server
+/// per `trust`: a ceremony's connection.
 pub(crate) async fn connect(
     endpoint: &Endpoint,
     trust: &Trust,
     client: Option<&ClientIdentity>,
 ) -> Result<Connection, TransportError> {
-    let addr = endpoint.to_string();
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Config(e.to_string()))?;
-    let mut pinned = None;
-    let builder = match trust {
-        Trust::Pin(pin) => {
-            let v = Arc::new(PinnedVerifier {
-                pin: *pin,
-                provider: provider.clone(),
-                outcome: Mutex::new(PinOutcome::default()),
-            });
-            pinned = Some(v.clone());
-            builder.dangerous().with_custom_certificate_verifier(v)
-        }
-        Trust::Ca(certs) => {
-            let mut roots = RootCertStore::empty();
-            for c in certs {
-                roots
-                    .add(c.clone())
-                    .map_err(|e| TransportError::Config(format!("CA certificate: {e}")))?;
-            }
-            builder.with_root_certificates(roots)
-        }
-    };
-    let config = match client {
-        Some(id) => builder
-            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-            .map_err(|e| TransportError::Config(format!("identity certificate: {e}")))?,
-        None => builder.with_no_client_auth(),
-    };
-    let server_name = ServerName::try_from(endpoint.host.clone())
-        .map_err(|e| TransportError::Config(format!("server name {:?}: {e}", endpoint.host)))?;
-
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
-    )
-    .await
-    .map_err(|_| TransportError::Timeout {
-        addr: addr.clone(),
-        secs: CONNECT_TIMEOUT.as_secs(),
-    })?
-    .map_err(|source| TransportError::Connect {
-        addr: addr.clone(),
-        source,
-    })?;
-    let _ = tcp.set_nodelay(true);
-    let connector = TlsConnector::from(Arc::new(config));
-    let handshake = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp))
+    ClientTls::new(trust, client, false)?
+        .connect(endpoint)
         .await
-        .map_err(|_| TransportError::Timeout {
-            addr: addr.clone(),
-            secs: CONNECT_TIMEOUT.as_secs(),
-        })?;
-    let outcome = pinned.as_ref().map(|v| v.take()).unwrap_or_default();
-    let stream = match handshake {
-        Ok(s) => s,
-        Err(source) => {
-            if let (Trust::Pin(pin), Some(found)) = (trust, outcome.mismatch) {
-                return Err(TransportError::PinMismatch {
-                    addr,
-                    expected: pin.to_string(),
-                    found,
-                });
-            }
-            return Err(classify_io(&addr, source, client.is_some(), true));
-        }
-    };
-    Ok(Connection {
-        addr,
-        stream,
-        learned_ca: outcome.matched,
-        mtls: client.is_some(),
-    })
 }
 
 /// Maps an I/O error, recognising a TLS alert that says the server refused our certificate.

@@ -72,6 +72,33 @@ fn registration_renewal_and_heartbeat() {
     assert_eq!(inst["generation"], 2);
 }
 
+/// The daemon keeps its heartbeat TLS session: every heartbeat after the first with one
+/// identity resumes it (docs/decisions.md, "Heartbeats resume their TLS session").
+#[test]
+fn daemon_heartbeats_resume_their_tls_session() {
+    let auth = AuthServer::start_with(&[("RUST_LOG", "info,boundkey_server::listener=debug")]);
+    let tok = auth.bot_with_token("beat", &[]);
+    let d = Device::new();
+    d.join(&tok.join_uri);
+    let instance = s(&d.status()["instance_id"]);
+    let _daemon = d.spawn_daemon(&["--heartbeat-interval", "1s"]);
+    // One heartbeat from the join, then the daemon's: a full handshake, then resumed ones.
+    wait_for("four heartbeats", Duration::from_secs(60), || {
+        let inst = auth.instance(&instance);
+        (inst["latest_heartbeats"].as_array().map_or(0, Vec::len) >= 4).then_some(())
+    });
+    let resumed = auth
+        .log()
+        .matches("TLS session resumed for a heartbeat")
+        .count();
+    assert!(resumed >= 2, "{resumed} resumed\n{}", auth.log());
+    assert!(
+        !d.daemon_log().contains("heartbeat failed"),
+        "{}",
+        d.daemon_log()
+    );
+}
+
 #[test]
 fn expiry_then_recovery_creates_a_linked_instance() {
     let auth = AuthServer::start();

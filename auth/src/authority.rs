@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use boundkey_proto::claims::JoinStateClaims;
 use boundkey_proto::{jws, keys, CaPin, JoinMethod, UnixTime};
-use p256::pkcs8::DecodePrivateKey;
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
@@ -53,6 +52,8 @@ pub enum AuthorityError {
     NoActiveKey(&'static str),
     #[error("invalid time")]
     Time,
+    #[error("signing a join-state document failed")]
+    Sign,
     #[error("cluster name {0:?} cannot be a SPIFFE trust domain")]
     InvalidTrustDomain(String),
     #[error("bot name {0:?} cannot be a SPIFFE ID path segment")]
@@ -306,7 +307,10 @@ struct LoadedCa {
 
 struct LoadedJoinStateKey {
     state: CaKeyState,
-    signing: p256::ecdsa::SigningKey,
+    /// Signs through ring, as rcgen signs certificates and rustls its handshakes: its P-256 is
+    /// several times faster than the `p256` crate's, and a join-state document is signed in
+    /// every ceremony (docs/performance.md, "Verification and signing paths").
+    signing: ring::signature::EcdsaKeyPair,
     public: p256::PublicKey,
 }
 
@@ -390,13 +394,21 @@ fn load_ca(s: &CaKeyState) -> Result<LoadedCa, AuthorityError> {
 }
 
 fn load_join_state_key(s: &CaKeyState) -> Result<LoadedJoinStateKey, AuthorityError> {
-    let signing = p256::ecdsa::SigningKey::from_pkcs8_pem(&s.key_pem).map_err(|e| {
-        AuthorityError::BadKey {
-            kid: s.kid.clone(),
-            detail: e.to_string(),
-        }
-    })?;
-    let public = p256::PublicKey::from(signing.verifying_key());
+    let bad = |detail: String| AuthorityError::BadKey {
+        kid: s.kid.clone(),
+        detail,
+    };
+    let der = PrivatePkcs8KeyDer::from_pem_slice(s.key_pem.as_bytes())
+        .map_err(|e| bad(format!("key PEM: {e}")))?;
+    let signing = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        der.secret_pkcs8_der(),
+        &ring::rand::SystemRandom::new(),
+    )
+    .map_err(|e| bad(format!("not a P-256 PKCS#8 key: {e}")))?;
+    use ring::signature::KeyPair as _;
+    let public = p256::PublicKey::from_sec1_bytes(signing.public_key().as_ref())
+        .map_err(|e| bad(e.to_string()))?;
     Ok(LoadedJoinStateKey {
         state: s.clone(),
         signing,
@@ -663,7 +675,16 @@ impl Authority {
         let key = signing_key(&self.join_state, |k| &k.state, now)
             .ok_or(AuthorityError::NoActiveKey("join-state"))?;
         let payload = serde_json::to_vec(claims).map_err(|_| AuthorityError::Time)?;
-        Ok(jws::sign(&key.signing, Some(&key.state.kid), &payload))
+        let input = jws::signing_input(Some(&key.state.kid), &payload);
+        let sig = key
+            .signing
+            .sign(&ring::rand::SystemRandom::new(), input.as_bytes())
+            .map_err(|_| AuthorityError::Sign)?;
+        let sig =
+            p256::ecdsa::Signature::from_slice(sig.as_ref()).map_err(|_| AuthorityError::Sign)?;
+        // Everything this service signs is low-S (jws.rs); ring does not normalise.
+        let sig = sig.normalize_s().unwrap_or(sig);
+        Ok(jws::assemble(&input, &sig.to_bytes().into()))
     }
 
     /// Checks a join-state document's signature against a join-state key trusted now (matching

@@ -61,6 +61,8 @@ struct Inner {
     anonymous_audit: Throttle,
     /// When audit retention last ran.
     last_audit_purge: AtomicI64,
+    /// Heartbeat writes, grouped into one store transaction while another is in progress.
+    heartbeats: heartbeat::GroupWriter,
 }
 
 /// Shared, cheap to clone.
@@ -102,6 +104,7 @@ impl Service {
                 secret_per_address: Throttle::new(limits.secret_per_address),
                 anonymous_audit: Throttle::new(limits.anonymous_audit_per_address),
                 last_audit_purge: AtomicI64::new(i64::MIN),
+                heartbeats: heartbeat::GroupWriter::default(),
             }),
         }
     }
@@ -267,7 +270,7 @@ impl Service {
                 match heartbeat::decide(&peer, snapshot, hb, now) {
                     Ok(inst) => {
                         let rev = inst.revision;
-                        match store.update_instance(&inst, rev) {
+                        match self.inner.heartbeats.write(&**store, inst, rev) {
                             Ok(()) => {
                                 Ok(Action::Close(ServerMessage::HeartbeatAck(HeartbeatAck {})))
                             }

@@ -174,17 +174,7 @@ fn main() {
     rt.block_on(async {
         let s = Server::start_with(&extra);
         s.ctl(&["bots", "add", "robot"]);
-        let v = s.ctl(&[
-            "tokens",
-            "add",
-            "--bot",
-            "robot",
-            "--join-method",
-            "bound_keypair",
-        ]);
-        let token = v["name"].as_str().unwrap().to_string();
-        let secret = v["registration_secret"].as_str().unwrap().to_string();
-        let mut agent = Agent::new(&s, &token, Some(&secret));
+        let mut agent = s.new_device("robot");
         agent.join().await.expect("registration");
         // Warm-up: connection setup paths, SQLite pages, the blocking pool.
         let _ = joins(&mut agent, 10.min(n), &[]).await;

@@ -29,6 +29,10 @@ use crate::workers::Workers;
 /// Time allowed to deliver a final error (e.g. `timeout`) after the deadline passed.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Said to a client that resumed a TLS session for anything but a heartbeat.
+pub const RESUMED_CEREMONY: &str =
+    "a ceremony needs a full TLS handshake; reconnect without resuming the session";
+
 /// Connections refused by a per-address cap are logged at most this often (with a count), so
 /// a flood does not turn into a flood of log lines.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -360,11 +364,23 @@ async fn connection(
                 ErrorCode::Timeout,
                 "no valid message within the server's first-message deadline",
             );
-            finish(&mut tls, Some(reply)).await;
-            return;
+            return finish(&mut tls, Some(reply)).await;
         }
     };
     admission.established();
+    // A resumed session proved no key in this connection: it only renews a ticket from an
+    // earlier full handshake. That is enough for a heartbeat (a report, whose certificate the
+    // service verifies again now), never for a ceremony, which must see the client prove its
+    // identity key now (docs/decisions.md, "Heartbeats resume their TLS session").
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed && !matches!(first, ClientMessage::Heartbeat(_)) {
+        tracing::info!(%peer, "ceremony on a resumed TLS session refused");
+        let reply = ServerMessage::error(ErrorCode::BadRequest, RESUMED_CEREMONY);
+        return finish(&mut tls, Some(reply)).await;
+    }
+    if resumed {
+        tracing::debug!(%peer, "TLS session resumed for a heartbeat");
+    }
     let conn = Connection {
         remote_addr: peer.to_string(),
         peer_certificates: tls

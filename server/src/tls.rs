@@ -28,8 +28,20 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
+/// ring, with the TLS 1.3 suites in the order the listener picks them (it ignores the
+/// client's order): AES-128-GCM with SHA-256 first. Every handshake, full or resumed, runs its
+/// key schedule through dozens of HMACs, and SHA-256 has x86-64 and ARMv8 instructions that
+/// SHA-384 lacks; AES-128 is ample for a session of one message. Clients (the agent included)
+/// list AES-256-GCM-SHA384 first by default, which would otherwise decide.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 /// Optional client authentication against the identity CAs, with a replaceable trust store.
@@ -144,7 +156,19 @@ impl ClientCertVerifier for ReloadableClientVerifier {
     }
 }
 
+/// TLS 1.3 session tickets issued after each full handshake. One is enough: a heartbeat
+/// client resumes its latest session once and receives a new ticket each time.
+const TICKETS_PER_HANDSHAKE: usize = 1;
+
 /// The listener's TLS configuration: TLS 1.3 only, certificate for `names`.
+///
+/// Sessions resume from stateless tickets (encrypted with a key that lives in this process's
+/// memory only and rotates every 6 hours): a heartbeat then costs one ECDHE instead of a full
+/// handshake's signature, certificate chain check and ECDHE, and the server keeps nothing per
+/// session, so its memory does not grow with the fleet. What a resumed session may do is the
+/// listener's and the service's decision (docs/decisions.md, "Heartbeats resume their TLS
+/// session"): only heartbeats, and the certificate restored from the ticket is verified again
+/// at every use. No early data is accepted (`max_early_data_size` stays 0).
 pub fn server_config(
     provider: Arc<CryptoProvider>,
     authority: &Authority,
@@ -153,9 +177,14 @@ pub fn server_config(
     now: UnixTime,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let (chain, key) = authority.issue_server_cert(names, now)?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, PrivateKeyDer::Pkcs8(key))?;
+    config.ignore_client_order = true;
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    // No server-side session cache: tickets carry the session, so nothing is stored per client.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
 }

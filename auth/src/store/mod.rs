@@ -8,7 +8,7 @@ use crate::model::{AuditEvent, Bot, BotInstance, Lock, LockTarget, Token, TokenS
 
 pub mod memory;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A compare-and-swap found a different revision: someone else wrote first.
     #[error("conflict: {0} changed concurrently")]
@@ -252,6 +252,17 @@ pub trait Store: Send + Sync {
         instance: &BotInstance,
         expected_revision: u64,
     ) -> Result<(), StoreError>;
+    /// Several instance replacements at once (heartbeats: the service groups the ones that
+    /// arrive while the previous group is being written). Each is a compare-and-swap exactly
+    /// like [`Store::update_instance`] and gets its own result, in order; one that fails does
+    /// not stop the others. A backend that can should write them in one transaction (one sync
+    /// to disk for the group); this default writes them one by one.
+    fn update_instances(&self, updates: &[(BotInstance, u64)]) -> Vec<Result<(), StoreError>> {
+        updates
+            .iter()
+            .map(|(instance, expected_revision)| self.update_instance(instance, *expected_revision))
+            .collect()
+    }
     fn delete_instance(&self, id: &str) -> Result<bool, StoreError>;
     /// Deletes instances whose `expires` is before `cutoff`; returns how many.
     fn purge_instances(&self, cutoff: UnixTime) -> Result<usize, StoreError>;

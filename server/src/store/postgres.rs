@@ -646,6 +646,45 @@ impl Store for PostgresStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// One transaction for a group of heartbeat writes, as the SQLite store does: a
+    /// compare-and-swap that misses fails alone (a savepoint each), a database error fails the
+    /// group.
+    fn update_instances(&self, updates: &[(BotInstance, u64)]) -> Vec<Result<(), StoreError>> {
+        let all = |e: StoreError| updates.iter().map(|_| Err(e.clone())).collect();
+        let mut c = match self.conn() {
+            Ok(c) => c,
+            Err(e) => return all(e),
+        };
+        let mut tx = match c.transaction() {
+            Ok(tx) => tx,
+            Err(e) => return all(self.err(e)),
+        };
+        let mut results = Vec::with_capacity(updates.len());
+        for (instance, expected_revision) in updates {
+            // A statement that fails inside a PostgreSQL transaction aborts it; the savepoint
+            // keeps one instance's miss from taking the group's other writes with it.
+            let mut sp = match tx.transaction() {
+                Ok(sp) => sp,
+                Err(e) => return all(self.err(e)),
+            };
+            match update_instance_tx(&mut sp, instance, *expected_revision) {
+                Ok(()) => match sp.commit() {
+                    Ok(()) => results.push(Ok(())),
+                    Err(e) => return all(self.err(e)),
+                },
+                Err(TxError::Store(e)) => {
+                    drop(sp);
+                    results.push(Err(e));
+                }
+                Err(TxError::Sql(e)) => return all(self.err(e)),
+            }
+        }
+        match tx.commit() {
+            Ok(()) => results,
+            Err(e) => all(self.err(e)),
+        }
+    }
+
     fn delete_instance(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.execute("DELETE FROM instances WHERE id = $1", &[&id])? > 0)
     }

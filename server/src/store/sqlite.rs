@@ -281,7 +281,7 @@ impl SqliteStore {
     ) -> Result<Vec<T>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn
-            .prepare(&format!("SELECT name, doc FROM {table} ORDER BY name"))
+            .prepare_cached(&format!("SELECT name, doc FROM {table} ORDER BY name"))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
@@ -472,14 +472,10 @@ impl Store for SqliteStore {
     }
 
     fn get_token(&self, name: &str) -> Result<Option<Token>, StoreError> {
-        let row = self
-            .conn()?
-            .query_row(
-                &format!("SELECT {TOKEN_COLS} FROM tokens WHERE name = ?1"),
-                [name],
-                read_token,
-            )
-            .optional()
+        let conn = self.conn()?;
+        let row = conn
+            .prepare_cached(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE name = ?1"))
+            .and_then(|mut stmt| stmt.query_row([name], read_token).optional())
             .map_err(|e| self.err(e))?;
         row.map(token_from_row).transpose()
     }
@@ -540,14 +536,13 @@ impl Store for SqliteStore {
     }
 
     fn get_instance(&self, id: &str) -> Result<Option<BotInstance>, StoreError> {
-        let row = self
-            .conn()?
-            .query_row(
-                "SELECT id, doc, revision FROM instances WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
+        let conn = self.conn()?;
+        let row = conn
+            .prepare_cached("SELECT id, doc, revision FROM instances WHERE id = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
             .map_err(|e| self.err(e))?;
         row.map(instance_from_row).transpose()
     }
@@ -603,6 +598,32 @@ impl Store for SqliteStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// One IMMEDIATE transaction, so one sync to disk, for the whole group. A compare-and-swap
+    /// that misses changes nothing, so it needs no savepoint; a database error fails the group.
+    fn update_instances(&self, updates: &[(BotInstance, u64)]) -> Vec<Result<(), StoreError>> {
+        let all = |e: StoreError| updates.iter().map(|_| Err(e.clone())).collect();
+        let mut conn = match self.conn() {
+            Ok(c) => c,
+            Err(e) => return all(e),
+        };
+        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => return all(self.err(e)),
+        };
+        let mut results = Vec::with_capacity(updates.len());
+        for (instance, expected_revision) in updates {
+            match update_instance_tx(&tx, instance, *expected_revision) {
+                Ok(()) => results.push(Ok(())),
+                Err(TxError::Store(e)) => results.push(Err(e)),
+                Err(TxError::Sql(e)) => return all(self.err(e)),
+            }
+        }
+        match tx.commit() {
+            Ok(()) => results,
+            Err(e) => all(self.err(e)),
+        }
+    }
+
     fn delete_instance(&self, id: &str) -> Result<bool, StoreError> {
         let n = self
             .conn()?
@@ -635,12 +656,13 @@ impl Store for SqliteStore {
         }
         if let Some(tw) = &c.token {
             let status = to_json(&tw.status)?;
+            let expected = rev_to_sql(tw.expected_revision)?;
             let n = tx
-                .execute(
+                .prepare_cached(
                     "UPDATE tokens SET status = ?1, revision = revision + 1
                      WHERE name = ?2 AND revision = ?3",
-                    params![status, tw.name, rev_to_sql(tw.expected_revision)?],
                 )
+                .and_then(|mut stmt| stmt.execute(params![status, tw.name, expected]))
                 .map_err(|e| self.err(e))?;
             if n == 0 {
                 return Err(token_miss(&tx, &tw.name).map_err(|e| self.err(e))?);
@@ -838,17 +860,18 @@ fn update_instance_tx(
     let mut i = instance.clone();
     i.revision = expected_revision + 1;
     let doc = to_json(&i)?;
-    let n = conn.execute(
-        "UPDATE instances SET doc = ?1, expires = ?2, bot_name = ?3, revision = revision + 1
+    let n = conn
+        .prepare_cached(
+            "UPDATE instances SET doc = ?1, expires = ?2, bot_name = ?3, revision = revision + 1
          WHERE id = ?4 AND revision = ?5",
-        params![
+        )?
+        .execute(params![
             doc,
             i.status.expires,
             i.spec.bot_name,
             id,
             rev_to_sql(expected_revision)?
-        ],
-    )?;
+        ])?;
     if n == 0 {
         let exists: Option<i64> = conn
             .query_row("SELECT 1 FROM instances WHERE id = ?1", [id], |r| r.get(0))

@@ -90,6 +90,7 @@ macro_rules! store_suite {
                 conflicting_commit_leaves_nothing_written,
                 commit_to_missing_token_is_not_found,
                 instance_update_cas_list_and_purge,
+                a_group_of_instance_writes_fails_only_where_its_revision_is_stale,
                 locks_are_added_only_if_absent_and_found_by_target,
                 audit_is_newest_first_and_filterable,
                 bots_cascading_delete_and_counts,
@@ -382,6 +383,38 @@ fn instance_update_cas_list_and_purge<B: Backend>() {
     assert_eq!(ids(&s.list_instances(None).unwrap()), ["a", "c"]);
     assert!(s.delete_instance("c").unwrap());
     assert!(!s.delete_instance("c").unwrap());
+}
+
+/// Heartbeat writes are grouped into one transaction (`Store::update_instances`): a stale
+/// revision or a missing instance fails alone, and every other write of the group lands.
+fn a_group_of_instance_writes_fails_only_where_its_revision_is_stale<B: Backend>() {
+    let b = B::fresh();
+    let s = b.open();
+    for id in ["a", "b", "c"] {
+        create(&*s, instance(id, "r1", 100));
+    }
+    let mut updates = Vec::new();
+    for (id, expires, revision) in [("a", 1000, 1), ("b", 2000, 7), ("c", 3000, 1)] {
+        let mut i = s.get_instance(id).unwrap().unwrap();
+        i.status.expires = expires;
+        updates.push((i, revision));
+    }
+    updates.push((instance("zz", "r1", 1), 1));
+    let results = s.update_instances(&updates);
+    assert_eq!(results.len(), 4);
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(
+        matches!(results[1], Err(StoreError::Conflict(_))),
+        "{results:?}"
+    );
+    assert!(
+        matches!(results[3], Err(StoreError::NotFound(_))),
+        "{results:?}"
+    );
+    let got = |id| s.get_instance(id).unwrap().unwrap();
+    assert_eq!((got("a").revision, got("a").status.expires), (2, 1000));
+    assert_eq!((got("b").revision, got("b").status.expires), (1, 100));
+    assert_eq!((got("c").revision, got("c").status.expires), (2, 3000));
 }
 
 fn locks_are_added_only_if_absent_and_found_by_target<B: Backend>() {

@@ -61,6 +61,17 @@ impl Server {
 
     /// Starts on an existing data directory (restart tests).
     pub fn start_in(dir: tempfile::TempDir, data_dir: PathBuf, extra: &[&str]) -> Server {
+        Self::start_logging(dir, data_dir, extra, "info,boundkey_server=debug")
+    }
+
+    /// Like [`Server::start_in`] with the server's `RUST_LOG` (benches log what a production
+    /// service logs, not the tests' debug lines).
+    pub fn start_logging(
+        dir: tempfile::TempDir,
+        data_dir: PathBuf,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Server {
         let log = dir.path().join(format!("authd-{}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(AUTHD)
@@ -68,7 +79,7 @@ impl Server {
             .arg(&data_dir)
             .args(["--listen", "127.0.0.1:0", "--cluster", "test-cluster"])
             .args(extra)
-            .env("RUST_LOG", "info,boundkey_server=debug")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -217,6 +228,21 @@ impl Server {
         page.get(key)
             .cloned()
             .unwrap_or_else(|| panic!("no {key} in {page}"))
+    }
+
+    /// A new device for `bot` (which must exist): a bound-keypair token with a generated
+    /// registration secret, and an agent holding both, not joined yet.
+    pub fn new_device(&self, bot: &str) -> Agent {
+        let v = self.ctl(&[
+            "tokens",
+            "add",
+            "--bot",
+            bot,
+            "--join-method",
+            "bound_keypair",
+        ]);
+        let token = v["name"].as_str().expect("token name");
+        Agent::new(self, token, v["registration_secret"].as_str())
     }
 
     pub fn client_config(
