@@ -95,7 +95,8 @@ struct Args {
     /// later phase needs devices); `floor` alone measures the crypto floor and starts no authd.
     #[arg(long, default_value = "joins,renewals,heartbeats")]
     phases: String,
-    /// authd processes to start, sharing one SQLite file (each with its own data directory).
+    /// authd processes to start, each with its own data directory, sharing one store: the
+    /// `--storage` of `--authd-args` if given (e.g. PostgreSQL), else one SQLite file.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
     /// Extra boundkey-authd arguments, split on spaces (also LOADGEN_AUTHD_ARGS).
@@ -1036,7 +1037,9 @@ async fn run(args: Args) {
         let storage = format!("sqlite:{}", shared.path().join("boundkey.db").display());
         for _ in 0..args.nodes.max(1) {
             let mut a: Vec<&str> = extra.iter().map(String::as_str).collect();
-            if args.nodes > 1 {
+            // Several nodes share a store: the one given (`--authd-args "--storage
+            // postgres://…"`, password from PGPASSWORD), else one SQLite file.
+            if args.nodes > 1 && !extra.iter().any(|x| x == "--storage") {
                 a.extend(["--storage", storage.as_str()]);
             }
             let dir = tempfile::tempdir().unwrap();
