@@ -477,6 +477,15 @@ fn views(dir: &Path, ctl_bin: &Path, samples: usize) {
         .map(|_| ctl(ctl_bin, dir, &["info"]).0)
         .collect();
     println!("{:58} {}", "info (boundkeyctl's own cost)", summary(times));
+    // Counts every bot's tokens, instances and live instances: the whole fleet, from indexes.
+    let times: Vec<Duration> = (0..samples.min(20))
+        .map(|_| {
+            let (t, v) = ctl(ctl_bin, dir, &["bots", "ls"]);
+            assert!(v.as_array().is_some_and(|b| b.len() >= BOTS), "bots ls");
+            t
+        })
+        .collect();
+    println!("{:58} {}", "bots ls (100 bots)", summary(times));
 }
 
 /// Renewals of one device through `Service` over the store: token, instance and lock reads,

@@ -238,6 +238,35 @@ fn ctl_without_a_server_says_so() {
     );
 }
 
+/// `boundkeyctl … | head`: a reader that has gone away ends the command the way a shell
+/// pipeline expects (status 141, as if killed by SIGPIPE), not with a panic message.
+#[test]
+fn ctl_into_a_closed_pipe_exits_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let s = Server::start();
+    for args in [
+        &["bots", "ls"][..],
+        &["--format", "json", "audit", "ls"],
+        &["info"],
+    ] {
+        let mut child = Command::new(CTL)
+            .arg("--data-dir")
+            .arg(&s.data_dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the command can have its answer from the server: its first write
+        // meets a pipe with no reader.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {}", stderr(&out));
+        assert_eq!(out.status.signal(), None);
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+}
 #[test]
 fn edits_change_spec_only_and_are_audited() {
     let s = Server::start();

@@ -18,6 +18,33 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
 
+/// Writes to standard output; `outln!` adds a newline. Unlike `print!`, a reader that has gone
+/// away (`boundkeyctl instances ls | head`) ends the command quietly instead of panicking: Rust
+/// ignores SIGPIPE, so the closed pipe arrives as an `EPIPE` write error, and this is the one
+/// place that turns it into the exit a shell pipeline expects.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*), false) };
+}
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*), true) };
+}
+
+fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let written = o
+        .write_fmt(args)
+        .and_then(|()| if newline { o.write_all(b"\n") } else { Ok(()) });
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // What a C tool killed by SIGPIPE reports to its shell: 128 + 13.
+            std::process::exit(141);
+        }
+        eprintln!("boundkeyctl: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "boundkeyctl",
@@ -425,7 +452,7 @@ fn print_kv<T: Serialize>(v: &T) {
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, val) in lines {
         let (k, val) = (printable(&k), printable(&val));
-        println!("{k:width$}  {val}");
+        outln!("{k:width$}  {val}");
     }
 }
 
@@ -494,7 +521,7 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
                 }
             })
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -505,7 +532,7 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
 /// The last line of a paged table: how to ask for the next page, when there is one.
 fn print_next(next: Option<&str>) {
     if let Some(c) = next {
-        println!("next page: --after {}", printable(c));
+        outln!("next page: --after {}", printable(c));
     }
 }
 
@@ -545,7 +572,7 @@ impl Ctl {
     fn show<T: Serialize>(&self, v: &T, f: impl FnOnce(&T)) {
         match self.format {
             Format::Json => match serde_json::to_string_pretty(v) {
-                Ok(s) => println!("{s}"),
+                Ok(s) => outln!("{s}"),
                 Err(e) => eprintln!("boundkeyctl: cannot print the answer as JSON: {e}"),
             },
             Format::Text => f(v),
@@ -563,7 +590,7 @@ impl Ctl {
             Cmd::BoundKeypair(BoundKeypairCmd::RequestRotation { token }) => {
                 let t = self.call(admin::RequestRotation { token })?;
                 self.show(&t, |t| {
-                    println!(
+                    outln!(
                         "rotation requested for token {}: the agent gets a new bound key at its next join or renewal (rotate_after {})",
                         t.name,
                         opt_time(t.spec.bound_keypair.as_ref().and_then(|b| b.rotate_after))
@@ -630,7 +657,7 @@ impl Ctl {
                     grace_period_secs: grace_period.as_secs(),
                 })?;
                 self.show(&r, |r| {
-                    println!(
+                    outln!(
                         "rotated the {} CA: new key {}, trusted now and signing from {}; the previous key stays trusted until {}",
                         r.kind.as_str(),
                         r.kid,
@@ -645,7 +672,7 @@ impl Ctl {
                     format: encoding,
                 })?;
                 // Text mode prints the material alone so it can be redirected to a file.
-                self.show(&r, |r| print!("{}", r.data));
+                self.show(&r, |r| out!("{}", r.data));
             }
         }
         Ok(())
@@ -655,7 +682,7 @@ impl Ctl {
         match c {
             BotsCmd::Add { name } => {
                 let b = self.call(admin::BotsAdd { name })?;
-                self.show(&b, |b| println!("bot {} created", b.name));
+                self.show(&b, |b| outln!("bot {} created", b.name));
             }
             BotsCmd::Ls => {
                 let bots = self.call(admin::BotsLs {})?;
@@ -679,9 +706,11 @@ impl Ctl {
             BotsCmd::Rm { name } => {
                 let d = self.call(admin::BotsRm { name })?;
                 self.show(&d, |d| {
-                    println!(
+                    outln!(
                         "bot {} deleted ({} tokens, {} instances)",
-                        d.name, d.tokens_deleted, d.instances_deleted
+                        d.name,
+                        d.tokens_deleted,
+                        d.instances_deleted
                     )
                 });
             }
@@ -804,7 +833,7 @@ impl Ctl {
             }
             TokensCmd::Rm { name } => {
                 let d = self.call(admin::TokensRm { name })?;
-                self.show(&d, |d| println!("token {} deleted", d.name));
+                self.show(&d, |d| outln!("token {} deleted", d.name));
             }
         }
         Ok(())
@@ -867,7 +896,7 @@ impl Ctl {
             }
             InstancesCmd::Rm { id } => {
                 let d = self.call(admin::InstancesRm { id })?;
-                self.show(&d, |d| println!("bot instance {} deleted", d.instance_id));
+                self.show(&d, |d| outln!("bot instance {} deleted", d.instance_id));
             }
         }
         Ok(())
@@ -888,7 +917,7 @@ impl Ctl {
                     message: a.message,
                     ttl_secs: a.ttl.map(|d| d.as_secs()),
                 })?;
-                self.show(&l, |l| println!("lock {} created", l.lock.name));
+                self.show(&l, |l| outln!("lock {} created", l.lock.name));
             }
             LocksCmd::Ls => {
                 let locks = self.call(admin::LocksLs {})?;
@@ -923,7 +952,7 @@ impl Ctl {
             }
             LocksCmd::Rm { name } => {
                 let d = self.call(admin::LocksRm { name })?;
-                self.show(&d, |d| println!("lock {} deleted", d.name));
+                self.show(&d, |d| outln!("lock {} deleted", d.name));
             }
         }
         Ok(())
@@ -959,7 +988,7 @@ fn print_token_created(c: &TokenCreated) {
     lines.push(("join_uri", c.join_uri.to_string()));
     let width = lines.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     for (k, v) in lines {
-        println!("{:width$} {v}", format!("{k}:"));
+        outln!("{:width$} {v}", format!("{k}:"));
     }
 }
 

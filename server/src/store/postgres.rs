@@ -50,7 +50,8 @@ const MIGRATION_LOCK: i64 = 0x626f_756e_646b_6579;
 /// `schema_migrations` records each version. Never edit a released entry: append a new one.
 /// Version 1 is the SQLite schema as of its third migration (the same tables, columns and
 /// indexes), with documents as JSONB.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE bots (
         name        TEXT PRIMARY KEY,
         created_at  BIGINT NOT NULL,
@@ -98,7 +99,12 @@ const MIGRATIONS: &[&str] = &["
         doc         JSONB NOT NULL,
         revision    BIGINT NOT NULL
     );
-"];
+",
+    // 2: `bots ls` and `bots rm` count a bot's instances, and its live ones, by an index-only
+    // scan; without it each count read every instance row of the bot for its `expires`
+    // (16 s for 100 bots of 10,000 instances).
+    "CREATE INDEX instances_bot_expires ON instances(bot_name, expires);",
+];
 
 /// Why the PostgreSQL store could not be opened. Always names the database (its URL, which
 /// holds no password).

@@ -103,6 +103,9 @@ const MIGRATIONS: &[&str] = &[
     UPDATE audit SET bot_name = json_extract(doc, '$.bot_name');
     CREATE INDEX audit_bot ON audit(bot_name, id);
     ",
+    // 4: `bots ls` and `bots rm` count a bot's instances, and its live ones, from an index
+    // alone; without it each count read every instance row of the bot for its `expires`.
+    "CREATE INDEX instances_bot_expires ON instances(bot_name, expires);",
 ];
 
 /// Why the database could not be opened. Always names the file.
