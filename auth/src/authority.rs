@@ -818,6 +818,20 @@ mod tests {
         }
     }
 
+    fn join_claims() -> JoinStateClaims {
+        JoinStateClaims {
+            iss: "c1".into(),
+            aud: "c1".into(),
+            sub: "robot".into(),
+            iat: NOW,
+            nbf: NOW,
+            instance_id: "i-1".into(),
+            recovery_sequence: 1,
+            recovery_limit: 1,
+            recovery_mode: Default::default(),
+        }
+    }
+
     fn id_key() -> p256::PublicKey {
         p256::SecretKey::random(&mut rand_core::OsRng).public_key()
     }
@@ -878,17 +892,7 @@ mod tests {
     fn join_state_sign_verify_and_rotation() {
         let mut st = AuthorityState::generate("c1", NOW).unwrap();
         let a = Authority::load(&st).unwrap();
-        let c = JoinStateClaims {
-            iss: "c1".into(),
-            aud: "c1".into(),
-            sub: "robot".into(),
-            iat: NOW,
-            nbf: NOW,
-            instance_id: "i-1".into(),
-            recovery_sequence: 1,
-            recovery_limit: 1,
-            recovery_mode: Default::default(),
-        };
+        let c = join_claims();
         let doc = a.sign_join_state(&c, NOW).unwrap();
         assert_eq!(a.verify_join_state(&doc, NOW).unwrap(), c);
         st.rotate(CaKind::JoinState, 100, 0, NOW).unwrap();
@@ -936,17 +940,7 @@ mod tests {
                 .clone()
         };
         let kid_of = |doc: &str| jws::parse(doc).unwrap().header.kid.unwrap();
-        let c = JoinStateClaims {
-            iss: "c1".into(),
-            aud: "c1".into(),
-            sub: "robot".into(),
-            iat: NOW,
-            nbf: NOW,
-            instance_id: "i-1".into(),
-            recovery_sequence: 1,
-            recovery_limit: 1,
-            recovery_mode: Default::default(),
-        };
+        let c = join_claims();
         // During the delay: both trusted (every process learns the new keys before they are
         // used), the old ones still sign.
         assert_eq!(a.identity_roots(NOW + 29).len(), 2);
@@ -1145,17 +1139,7 @@ mod tests {
     fn join_state_keys_export_as_jwks_and_pem_including_the_grace_period() {
         let mut st = AuthorityState::generate("c1", NOW).unwrap();
         let a = Authority::load(&st).unwrap();
-        let c = JoinStateClaims {
-            iss: "c1".into(),
-            aud: "c1".into(),
-            sub: "robot".into(),
-            iat: NOW,
-            nbf: NOW,
-            instance_id: "i-1".into(),
-            recovery_sequence: 1,
-            recovery_limit: 1,
-            recovery_mode: Default::default(),
-        };
+        let c = join_claims();
         let doc = a.sign_join_state(&c, NOW).unwrap();
         let jwks = a.join_state_jwks(NOW);
         assert_eq!(jwks.keys.len(), 1);

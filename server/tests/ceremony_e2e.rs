@@ -17,22 +17,6 @@ fn add_bot(s: &Server, name: &str) {
     s.ctl(&["bots", "add", name]);
 }
 
-fn add_bk_token(s: &Server, bot: &str, extra: &[&str]) -> (String, Option<String>, Value) {
-    let mut args = vec![
-        "tokens",
-        "add",
-        "--bot",
-        bot,
-        "--join-method",
-        "bound_keypair",
-    ];
-    args.extend_from_slice(extra);
-    let v = s.ctl(&args);
-    let name = v["name"].as_str().expect("name").to_string();
-    let secret = v["registration_secret"].as_str().map(String::from);
-    (name, secret, v)
-}
-
 fn show_token(s: &Server, name: &str) -> Value {
     s.ctl(&["tokens", "show", name])
 }
@@ -45,7 +29,7 @@ fn show_instance(s: &Server, id: &str) -> Value {
 async fn registration_renewal_and_recovery() {
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, added) = add_bk_token(&s, "robot", &["--name", "dev-1"]);
+    let (token, secret, added) = s.add_bk_token("robot", &["--name", "dev-1"]);
     let secret = secret.expect("a generated registration secret");
     // The join URI is ready to paste: token, secret, listener address and CA pin.
     let uri: JoinUri = added["join_uri"].as_str().unwrap().parse().unwrap();
@@ -150,11 +134,8 @@ async fn registration_renewal_and_recovery() {
 async fn wrong_secret_is_refused_and_changes_nothing() {
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(
-        &s,
-        "robot",
-        &["--registration-secret", "correct horse battery"],
-    );
+    let (token, secret, _) =
+        s.add_bk_token("robot", &["--registration-secret", "correct horse battery"]);
     assert_eq!(secret.as_deref(), Some("correct horse battery"));
     let before = show_token(&s, &token);
 
@@ -182,8 +163,7 @@ async fn pre_registered_key_joins_without_a_secret() {
     add_bot(&s, "robot");
     let key = new_key();
     let public = ssh(&key);
-    let (token, secret, added) = add_bk_token(
-        &s,
+    let (token, secret, added) = s.add_bk_token(
         "robot",
         &["--initial-public-key", &format!("{public} device-7")],
     );
@@ -212,7 +192,7 @@ async fn pre_registered_key_joins_without_a_secret() {
 async fn requested_rotation_changes_the_bound_key_on_next_renewal() {
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
     let mut agent = Agent::new(&s, &token, secret.as_deref());
     let r1 = agent.join().await.unwrap();
     let key1 = ssh(agent.bound.as_ref().unwrap());
@@ -245,7 +225,7 @@ async fn requested_rotation_changes_the_bound_key_on_next_renewal() {
 async fn renewals_never_fail_through_ca_rotations() {
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
     let mut agent = Agent::new(&s, &token, secret.as_deref());
     let first = agent.join().await.unwrap();
 
@@ -379,7 +359,7 @@ async fn token_join_method_join_and_renewal() {
 async fn heartbeat_is_recorded_on_the_callers_instance() {
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
     let mut agent = Agent::new(&s, &token, secret.as_deref());
     let r = agent.join().await.unwrap();
     let hb = Heartbeat {
@@ -418,7 +398,7 @@ async fn heartbeat_is_recorded_on_the_callers_instance() {
 async fn locks_refuse_renewal_and_unlock_restores_it() {
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
     let mut agent = Agent::new(&s, &token, secret.as_deref());
     let r = agent.join().await.unwrap();
     let lock = s.ctl(&[
@@ -476,7 +456,7 @@ fn error_code(m: Option<ServerMessage>) -> ErrorCode {
 async fn bad_frames_are_refused_and_the_server_keeps_serving() {
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
 
     assert_eq!(
         error_code(raw_exchange(&s, &[0xff, 0xff, 0xff, 0xff]).await),
@@ -524,7 +504,7 @@ async fn garbage_mid_ceremony_is_refused_and_audited() {
     use tokio::io::AsyncWriteExt;
     let s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
     let agent = Agent::new(&s, &token, secret.as_deref());
     let mut conn = agent.connect().await;
     send(
@@ -557,7 +537,7 @@ async fn garbage_mid_ceremony_is_refused_and_audited() {
 async fn silent_client_times_out_without_blocking_others() {
     let s = Server::start_with(&["--ceremony-timeout", "2s"]);
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
 
     // One client completes the handshake and then says nothing; another never even starts TLS.
     let mut silent = connect(s.addr, s.client_config(None)).await;
@@ -598,7 +578,7 @@ async fn silent_client_times_out_without_blocking_others() {
 async fn a_client_that_stalls_mid_ceremony_times_out_and_is_audited() {
     let s = Server::start_with(&["--ceremony-timeout", "2s"]);
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
     let agent = Agent::new(&s, &token, secret.as_deref());
     let mut conn = agent.connect().await;
     send(
@@ -645,7 +625,7 @@ async fn a_client_that_stalls_mid_ceremony_times_out_and_is_audited() {
 async fn sigterm_lets_an_in_flight_ceremony_finish() {
     let mut s = Server::start();
     add_bot(&s, "robot");
-    let (token, secret, _) = add_bk_token(&s, "robot", &[]);
+    let (token, secret, _) = s.add_bk_token("robot", &[]);
     let mut agent = Agent::new(&s, &token, secret.as_deref());
     let mut conn = agent.connect().await;
     send(
@@ -711,7 +691,7 @@ async fn many_concurrent_ceremonies_all_complete() {
     add_bot(&s, "fleet");
     let mut agents = Vec::new();
     for i in 0..12 {
-        let (token, secret, _) = add_bk_token(&s, "fleet", &["--name", &format!("dev-{i}")]);
+        let (token, secret, _) = s.add_bk_token("fleet", &["--name", &format!("dev-{i}")]);
         agents.push(Agent::new(&s, &token, secret.as_deref()));
     }
     let tasks: Vec<_> = agents
@@ -741,7 +721,7 @@ async fn clones_racing_on_one_token_produce_one_instance() {
     let s = Server::start();
     add_bot(&s, "robot");
     let key = new_key();
-    let (token, _, _) = add_bk_token(&s, "robot", &["--initial-public-key", &ssh(&key)]);
+    let (token, _, _) = s.add_bk_token("robot", &["--initial-public-key", &ssh(&key)]);
     // Eight copies of one device state join at once; only one may end up bound.
     let tasks: Vec<_> = (0..8)
         .map(|_| {

@@ -24,18 +24,8 @@ const BOUND: Duration = Duration::from_secs(60);
 const CEREMONY: &str = "600s";
 
 fn bk_token(s: &Server, bot: &str) -> (String, String) {
-    let v = s.ctl(&[
-        "tokens",
-        "add",
-        "--bot",
-        bot,
-        "--join-method",
-        "bound_keypair",
-    ]);
-    (
-        v["name"].as_str().unwrap().to_string(),
-        v["registration_secret"].as_str().unwrap().to_string(),
-    )
+    let (name, secret, _) = s.add_bk_token(bot, &[]);
+    (name, secret.expect("a registration secret"))
 }
 
 /// A TCP connection to `addr` from the loopback address `src` (any of 127.0.0.0/8).

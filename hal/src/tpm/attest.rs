@@ -8,7 +8,6 @@
 //! never crosses the TPM bus in the clear.
 
 use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
-use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::SessionType;
 use tss_esapi::handles::{
     AuthHandle, KeyHandle, ObjectHandle, PersistentTpmHandle, SessionHandle, TpmHandle,
@@ -24,7 +23,7 @@ use tss_esapi::structures::{
 use tss_esapi::traits::Marshall;
 use tss_esapi::Context;
 
-use super::session::{At, Fail, Stage};
+use super::session::{no_session, start_encrypted_session, At, Fail, Stage};
 
 /// The EKs a TPM may have been manufactured with, in the order the store looks for them: the
 /// first whose certificate is in NV wins, so the auth service can check it against a vendor CA.
@@ -249,18 +248,12 @@ pub(super) fn activate(
         let ak_h = ak::load_ak(ctx, ek_h, None, ak.private.clone(), ak.public.clone())
             .at(Stage::AttestationKey)?;
         let out = with_ek_policy(ctx, ek_h, |ctx, policy| {
-            let salted = start_salted(ctx, ek_h)?;
-            let r = ctx
-                .execute_with_sessions((Some(salted), Some(policy), None), |c| {
+            with_salted(ctx, ek_h, |ctx, salted| {
+                ctx.execute_with_sessions((Some(salted), Some(policy), None), |c| {
                     c.activate_credential(ak_h, ek_h, blob.clone(), secret.clone())
                 })
-                .at(Stage::Activate);
-            let flushed = ctx
-                .flush_context(SessionHandle::from(salted).into())
-                .at(Stage::Cleanup);
-            let r = r?;
-            flushed?;
-            Ok(r)
+                .at(Stage::Activate)
+            })
         });
         let flushed = ctx.flush_context(ak_h.into()).at(Stage::Cleanup);
         let out = out?;
@@ -324,37 +317,22 @@ fn with_ek_policy<T>(
     Ok(out)
 }
 
-/// An HMAC session salted to `key` (its public key encrypts the salt), with command and
-/// response parameter encryption: only this process and the TPM know the session key.
-pub(super) fn start_salted(ctx: &mut Context, key: KeyHandle) -> Result<AuthSession, Fail> {
-    let session = ctx
-        .start_auth_session(
-            Some(key),
-            None,
-            None,
-            SessionType::Hmac,
-            SymmetricDefinition::AES_128_CFB,
-            HashingAlgorithm::Sha256,
-        )
-        .at(Stage::Session)?
-        .ok_or_else(no_session)?;
-    let (attributes, mask) = SessionAttributesBuilder::new()
-        .with_decrypt(true)
-        .with_encrypt(true)
-        .build();
-    if let Err(e) = ctx.tr_sess_set_attributes(session, attributes, mask) {
-        let _ = ctx.flush_context(SessionHandle::from(session).into());
-        return Err(e).at(Stage::Session);
-    }
-    Ok(session)
-}
-
-fn no_session() -> Fail {
-    Fail {
-        stage: Stage::Session,
-        err: tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm),
-        leaked: false,
-    }
+/// Runs `f` in a session salted to `key` with parameter encryption
+/// ([`start_encrypted_session`]), then flushes the session whatever `f` returned; `f`'s error
+/// comes first.
+pub(super) fn with_salted<T>(
+    ctx: &mut Context,
+    key: KeyHandle,
+    f: impl FnOnce(&mut Context, AuthSession) -> Result<T, Fail>,
+) -> Result<T, Fail> {
+    let salted = start_encrypted_session(ctx, Some(key))?;
+    let r = f(ctx, salted);
+    let flushed = ctx
+        .flush_context(SessionHandle::from(salted).into())
+        .at(Stage::Cleanup);
+    let r = r?;
+    flushed?;
+    Ok(r)
 }
 
 /// The TCG EK templates' policies for a SHA-384 EK (policy A: PolicySecret(endorsement);

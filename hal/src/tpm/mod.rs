@@ -242,27 +242,19 @@ impl KeyStore for TpmKeyStore {
             let created = with_parent(conn, parent, policy, |ctx, parent_handle| match &auth {
                 // The new key's auth value is a command parameter: encrypt it under a session
                 // whose key only this process and the TPM know.
-                Some(auth) => {
-                    let salted = attest::start_salted(ctx, parent_handle)?;
-                    let r = ctx
-                        .execute_with_session(Some(salted), |c| {
-                            c.create(
-                                parent_handle,
-                                template.clone(),
-                                Some(auth.clone()),
-                                None,
-                                None,
-                                None,
-                            )
-                        })
-                        .at(Stage::Create);
-                    let flushed = ctx
-                        .flush_context(tss_esapi::handles::SessionHandle::from(salted).into())
-                        .at(Stage::Cleanup);
-                    let r = r?;
-                    flushed?;
-                    Ok(r)
-                }
+                Some(auth) => attest::with_salted(ctx, parent_handle, |ctx, salted| {
+                    ctx.execute_with_session(Some(salted), |c| {
+                        c.create(
+                            parent_handle,
+                            template.clone(),
+                            Some(auth.clone()),
+                            None,
+                            None,
+                            None,
+                        )
+                    })
+                    .at(Stage::Create)
+                }),
                 None => ctx
                     .create(parent_handle, template.clone(), None, None, None, None)
                     .at(Stage::Create),
@@ -313,9 +305,8 @@ impl KeyStore for TpmKeyStore {
                 (Some(a), Some(parent)) => {
                     ctx.tr_set_auth(key.into(), auth_value(a)?)
                         .at(Stage::Sign)?;
-                    let salted = attest::start_salted(ctx, parent)?;
-                    let r = ctx
-                        .execute_with_session(Some(salted), |c| {
+                    attest::with_salted(ctx, parent, |ctx, salted| {
+                        ctx.execute_with_session(Some(salted), |c| {
                             c.sign(
                                 key,
                                 tpm_digest.clone(),
@@ -323,13 +314,8 @@ impl KeyStore for TpmKeyStore {
                                 ticket.clone(),
                             )
                         })
-                        .at(Stage::Sign);
-                    let flushed = ctx
-                        .flush_context(tss_esapi::handles::SessionHandle::from(salted).into())
-                        .at(Stage::Cleanup);
-                    let r = r?;
-                    flushed?;
-                    Ok(r)
+                        .at(Stage::Sign)
+                    })
                 }
                 _ => ctx
                     .sign(

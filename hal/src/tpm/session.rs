@@ -294,9 +294,19 @@ fn with_sessions<T>(
 /// An unbound, unsalted HMAC session with parameter encryption (what
 /// `execute_with_nullauth_session` starts), so auth values are proven by HMAC, not sent.
 pub(super) fn start_hmac_session(ctx: &mut Context) -> Result<AuthSession, Fail> {
+    start_encrypted_session(ctx, None)
+}
+
+/// An HMAC session with command and response parameter encryption, salted to `salt_key` when
+/// one is given (its public key encrypts the salt: only this process and the TPM then know the
+/// session key).
+pub(super) fn start_encrypted_session(
+    ctx: &mut Context,
+    salt_key: Option<KeyHandle>,
+) -> Result<AuthSession, Fail> {
     let session = ctx
         .start_auth_session(
-            None,
+            salt_key,
             None,
             None,
             SessionType::Hmac,
@@ -304,24 +314,25 @@ pub(super) fn start_hmac_session(ctx: &mut Context) -> Result<AuthSession, Fail>
             HashingAlgorithm::Sha256,
         )
         .at(Stage::Session)?
-        .ok_or(Fail {
-            stage: Stage::Session,
-            err: tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm),
-            leaked: false,
-        })?;
+        .ok_or_else(no_session)?;
     let (attributes, mask) = SessionAttributesBuilder::new()
         .with_decrypt(true)
         .with_encrypt(true)
         .build();
     if let Err(e) = ctx.tr_sess_set_attributes(session, attributes, mask) {
         let _ = ctx.flush_context(SessionHandle::from(session).into());
-        return Err(Fail {
-            stage: Stage::Session,
-            err: e,
-            leaked: false,
-        });
+        return Err(e).at(Stage::Session);
     }
     Ok(session)
+}
+
+/// The failure of a session start that returned no session.
+pub(super) fn no_session() -> Fail {
+    Fail {
+        stage: Stage::Session,
+        err: tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm),
+        leaked: false,
+    }
 }
 
 /// Combines an operation's result with its cleanup's, keeping the first error.

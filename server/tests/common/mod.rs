@@ -230,19 +230,29 @@ impl Server {
             .unwrap_or_else(|| panic!("no {key} in {page}"))
     }
 
-    /// A new device for `bot` (which must exist): a bound-keypair token with a generated
-    /// registration secret, and an agent holding both, not joined yet.
-    pub fn new_device(&self, bot: &str) -> Agent {
-        let v = self.ctl(&[
+    /// `tokens add --bot BOT --join-method bound_keypair EXTRA…`: the token's name, its
+    /// registration secret (when one was generated) and the whole answer.
+    pub fn add_bk_token(&self, bot: &str, extra: &[&str]) -> (String, Option<String>, Value) {
+        let mut args = vec![
             "tokens",
             "add",
             "--bot",
             bot,
             "--join-method",
             "bound_keypair",
-        ]);
-        let token = v["name"].as_str().expect("token name");
-        Agent::new(self, token, v["registration_secret"].as_str())
+        ];
+        args.extend_from_slice(extra);
+        let v = self.ctl(&args);
+        let name = v["name"].as_str().expect("token name").to_string();
+        let secret = v["registration_secret"].as_str().map(String::from);
+        (name, secret, v)
+    }
+
+    /// A new device for `bot` (which must exist): a bound-keypair token with a generated
+    /// registration secret, and an agent holding both, not joined yet.
+    pub fn new_device(&self, bot: &str) -> Agent {
+        let (token, secret, _) = self.add_bk_token(bot, &[]);
+        Agent::new(self, &token, secret.as_deref())
     }
 
     pub fn client_config(
