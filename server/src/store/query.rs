@@ -61,14 +61,17 @@ impl Query {
         self.conditions.push(format!("{column} {op} {p}"));
     }
 
-    /// Appends the WHERE clause, the order and the limit.
-    fn finish(mut self, order: &str, limit: usize) -> Self {
+    /// Appends the WHERE clause, the order and the limit (none: every row).
+    fn finish(mut self, order: &str, limit: Option<usize>) -> Self {
         if !self.conditions.is_empty() {
             self.sql.push_str(" WHERE ");
             self.sql.push_str(&self.conditions.join(" AND "));
         }
-        let p = self.bind(Arg::Int(to_i64(limit)));
-        self.sql.push_str(&format!(" ORDER BY {order} LIMIT {p}"));
+        self.sql.push_str(&format!(" ORDER BY {order}"));
+        if let Some(limit) = limit {
+            let p = self.bind(Arg::Int(to_i64(limit)));
+            self.sql.push_str(&format!(" LIMIT {p}"));
+        }
         self
     }
 }
@@ -107,7 +110,7 @@ pub(crate) fn instances(dialect: Dialect, columns: &str, q: &InstanceQuery) -> Q
         Some(InstanceState::Expired) => query.cond("expires", "<=", int(q.now)),
         None => {}
     }
-    query.finish("created_at, id", q.limit)
+    query.finish("created_at, id", Some(q.limit))
 }
 
 /// A page of tokens.
@@ -119,7 +122,7 @@ pub(crate) fn tokens(dialect: Dialect, columns: &str, q: &TokenQuery) -> Query {
     if let Some(after) = &q.after {
         query.cond("name", ">", Arg::Text(after.clone()));
     }
-    query.finish("name", q.limit)
+    query.finish("name", Some(q.limit))
 }
 
 /// Audit events, newest first. Without a limit every match is returned.
@@ -140,7 +143,7 @@ pub(crate) fn audit(dialect: Dialect, columns: &str, q: &AuditQuery) -> Query {
     if let Some(id) = q.before {
         query.cond("id", "<", Arg::Int(i64::try_from(id).unwrap_or(i64::MAX)));
     }
-    query.finish("id DESC", q.limit.unwrap_or(usize::MAX))
+    query.finish("id DESC", q.limit)
 }
 
 /// Locks on any of `targets` (looked up through the `(target_kind, target_value)` index).
@@ -156,7 +159,7 @@ pub(crate) fn locks_for(dialect: Dialect, columns: &str, targets: &[LockTarget])
         any.push("FALSE".to_string());
     }
     query.conditions.push(format!("({})", any.join(" OR ")));
-    query.finish("name", usize::MAX)
+    query.finish("name", None)
 }
 
 #[cfg(test)]

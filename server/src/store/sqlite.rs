@@ -15,6 +15,7 @@ use boundkey_auth::store::{
     AuditQuery, BotCounts, Commit, InstanceQuery, InstanceWrite, Store, StoreError, TokenQuery,
 };
 use boundkey_auth::UnixTime;
+use rusqlite::config::DbConfig;
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{
     params, params_from_iter, Connection, ErrorCode, OptionalExtension, ToSql, TransactionBehavior,
@@ -215,6 +216,11 @@ impl SqliteStore {
         // A ceremony's result is sent to the client only after commit; FULL makes that commit
         // survive power loss, or a device could hold a key the server forgot it bound.
         conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(corrupt)?;
+        // Plans that never look at bound values. Without this SQLite reads a bound LIMIT (and
+        // bound values next to an index) while planning, so each new binding expires the
+        // cached statement and every run parses and plans it again (docs/performance.md).
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
             .map_err(corrupt)?;
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let background_check = if size <= check_at_open_max {

@@ -169,3 +169,67 @@ fn migration_3_fills_the_new_columns_from_existing_documents() {
         .unwrap();
     assert_eq!(by_bot.len(), 1);
 }
+
+/// The statements every ceremony, heartbeat and page runs are planned once and then reused
+/// with new bindings. With bound values visible to the planner (SQLite's default), each new
+/// binding of a LIMIT expires the statement and every run parses and plans it again.
+#[test]
+fn hot_statements_are_not_planned_again_for_new_bindings() {
+    use boundkey_auth::model::Lock;
+    use boundkey_auth::store::{AuditQuery, InstanceQuery};
+    use rusqlite::StatementStatus;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let target = |n: u32| LockTarget::Bot(format!("bot{n}"));
+    s.add_lock(&Lock {
+        name: "l".into(),
+        target: target(1),
+        message: "m".into(),
+        expires: None,
+        created_by: "admin".into(),
+        created_at: 1,
+    })
+    .unwrap();
+    s.append_audit(&boundkey_auth::model::AuditEvent::new("x", 1, true))
+        .unwrap();
+    for n in 0..5u32 {
+        assert_eq!(
+            s.locks_for(&[target(n % 2)]).unwrap().len(),
+            (n % 2) as usize
+        );
+        s.page_instances(&InstanceQuery::first(10 + n as usize, 5))
+            .unwrap();
+        s.list_audit(&AuditQuery {
+            limit: Some(10 + n as usize),
+            ..AuditQuery::default()
+        })
+        .unwrap();
+    }
+    let conn = s.conn().unwrap();
+    for sql in [
+        query::locks_for(Dialect::Sqlite, "name, doc", &[target(0)]).sql,
+        query::instances(
+            Dialect::Sqlite,
+            "id, doc, revision",
+            &InstanceQuery::first(1, 5),
+        )
+        .sql,
+        query::audit(
+            Dialect::Sqlite,
+            "id, doc",
+            &AuditQuery {
+                limit: Some(1),
+                ..AuditQuery::default()
+            },
+        )
+        .sql,
+    ] {
+        let stmt = conn.prepare_cached(&sql).unwrap();
+        assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+        assert!(
+            stmt.get_status(StatementStatus::Run) >= 5,
+            "{sql} was not the one run"
+        );
+    }
+}
