@@ -5,11 +5,13 @@
 //! COMMITTED a concurrent `UPDATE` of the same row waits for the other transaction and then
 //! re-checks its `WHERE` against the committed row, so of several ceremonies that read one
 //! revision exactly one matches and the rest see zero rows: `Conflict`, and their transaction
-//! rolls back. Nothing is cached between calls, so another process's writes are seen at once.
+//! rolls back. No data is cached between calls (only prepared statements, per connection), so
+//! another process's writes are seen at once.
 //!
 //! The client is the blocking `postgres` crate behind an r2d2 pool: the `Store` trait is
 //! synchronous and is called from blocking threads (docs/decisions.md, "PostgreSQL client").
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use boundkey_auth::store::{
 use boundkey_auth::UnixTime;
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{GenericClient, Row};
+use postgres::{Client, GenericClient, Row, Statement};
 use r2d2_postgres::PostgresConnectionManager;
 use zeroize::Zeroizing;
 
@@ -138,7 +140,106 @@ pub enum OpenError {
     Url(#[from] PostgresUrlError),
 }
 
-type Manager = PostgresConnectionManager<MakeRustlsConnect>;
+/// Most statements one connection keeps prepared. The texts come from this module and the query
+/// builder, never from input, so there are a few dozen; the cap only bounds a mistake.
+const MAX_STATEMENTS: usize = 256;
+
+/// Statements one connection has prepared, by SQL text.
+///
+/// Without them every `query(&str)` is two round trips, a prepare and then the run, and the
+/// server parses and plans the text every time. A statement stays valid for the connection's
+/// life (a rollback does not drop it) and goes with the connection when the pool discards it.
+#[derive(Default)]
+struct Statements(HashMap<String, Statement>);
+
+impl Statements {
+    /// `sql` prepared on `c`'s connection, preparing it (one round trip) the first time.
+    fn get(&mut self, c: &mut impl GenericClient, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(st) = self.0.get(sql) {
+            return Ok(st.clone());
+        }
+        let st = c.prepare(sql)?;
+        if self.0.len() >= MAX_STATEMENTS {
+            self.0.clear();
+        }
+        self.0.insert(sql.to_string(), st.clone());
+        Ok(st)
+    }
+}
+
+/// A pooled connection and the statements prepared on it.
+struct PgConn {
+    client: Client,
+    statements: Statements,
+}
+
+impl PgConn {
+    /// The connection itself, outside any transaction.
+    fn db(&mut self) -> Db<'_, Client> {
+        Db {
+            c: &mut self.client,
+            st: &mut self.statements,
+        }
+    }
+}
+
+/// A client (the connection, a transaction or a savepoint) with its connection's prepared
+/// statements: the same calls as [`GenericClient`], each running a cached statement.
+struct Db<'a, C> {
+    c: &'a mut C,
+    st: &'a mut Statements,
+}
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl<C: GenericClient> Db<'_, C> {
+    fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+        let st = self.st.get(self.c, sql)?;
+        self.c.query(&st, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Option<Row>, postgres::Error> {
+        let st = self.st.get(self.c, sql)?;
+        self.c.query_opt(&st, params)
+    }
+
+    fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<Row, postgres::Error> {
+        let st = self.st.get(self.c, sql)?;
+        self.c.query_one(&st, params)
+    }
+
+    fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<u64, postgres::Error> {
+        let st = self.st.get(self.c, sql)?;
+        self.c.execute(&st, params)
+    }
+}
+
+/// The pool's connection manager: r2d2-postgres's, with a statement cache per connection.
+struct Manager(PostgresConnectionManager<MakeRustlsConnect>);
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<PgConn, postgres::Error> {
+        Ok(PgConn {
+            client: self.0.connect()?,
+            statements: Statements::default(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
+        self.0.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        self.0.has_broken(&mut conn.client)
+    }
+}
 type Pool = r2d2::Pool<Manager>;
 
 /// The PostgreSQL store.
@@ -210,7 +311,7 @@ impl PostgresStore {
             // A checkout costs no round trip; a broken connection fails its call (a backend
             // error the caller may retry) and is discarded by the pool.
             .test_on_check_out(false)
-            .build_unchecked(Manager::new(config, tls));
+            .build_unchecked(Manager(PostgresConnectionManager::new(config, tls)));
         Ok(PostgresStore {
             url: url.clone(),
             pool: Some(pool),
@@ -225,6 +326,7 @@ impl PostgresStore {
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         let mut c = self.conn()?;
         let row = c
+            .db()
             .query_one(
                 "SELECT coalesce(max(version), 0)::BIGINT FROM schema_migrations",
                 &[],
@@ -270,6 +372,7 @@ impl PostgresStore {
     /// Runs a built listing query.
     fn select(&self, q: &query::Query) -> Result<Vec<Row>, StoreError> {
         self.conn()?
+            .db()
             .query(q.sql.as_str(), &pg_params(&q.args))
             .map_err(|e| self.err(e))
     }
@@ -283,6 +386,7 @@ impl PostgresStore {
     ) -> Result<Vec<T>, StoreError> {
         let rows = self
             .conn()?
+            .db()
             .query(
                 &format!("SELECT name, doc::text FROM {table} ORDER BY name"),
                 &[],
@@ -296,9 +400,9 @@ impl PostgresStore {
     /// Runs an `INSERT`; a unique violation is `AlreadyExists(what)`.
     fn insert(
         &self,
-        c: &mut impl GenericClient,
+        c: &mut Db<'_, impl GenericClient>,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        params: &Params<'_>,
         what: impl FnOnce() -> String,
     ) -> Result<(), StoreError> {
         match c.execute(sql, params) {
@@ -309,8 +413,28 @@ impl PostgresStore {
     }
 
     /// Runs a statement that changes rows outside any transaction; returns how many.
-    fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
-        self.conn()?.execute(sql, params).map_err(|e| self.err(e))
+    fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64, StoreError> {
+        self.conn()?
+            .db()
+            .execute(sql, params)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Runs `f` in one transaction and commits what it did if it returns `Ok`; an error (any
+    /// early return) drops the transaction, which rolls back: a failed write writes nothing.
+    fn in_transaction<T>(
+        &self,
+        f: impl FnOnce(&mut Db<'_, postgres::Transaction<'_>>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut c = self.conn()?;
+        let PgConn { client, statements } = &mut *c;
+        let mut tx = client.transaction().map_err(|e| self.err(e))?;
+        let out = f(&mut Db {
+            c: &mut tx,
+            st: statements,
+        })?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
     }
 }
 
@@ -413,7 +537,7 @@ fn instance_row(r: &Row) -> Result<BotInstance, StoreError> {
 
 /// Distinguishes why a CAS on `table`'s row `key` matched nothing.
 fn cas_miss(
-    c: &mut impl GenericClient,
+    c: &mut Db<'_, impl GenericClient>,
     table: &'static str,
     key_col: &'static str,
     key: &str,
@@ -433,7 +557,7 @@ fn cas_miss(
 }
 
 fn update_instance_tx(
-    c: &mut impl GenericClient,
+    c: &mut Db<'_, impl GenericClient>,
     instance: &BotInstance,
     expected_revision: u64,
 ) -> Result<(), TxError> {
@@ -459,7 +583,10 @@ fn update_instance_tx(
     Ok(())
 }
 
-fn read_locks(c: &mut impl GenericClient, targets: &[LockTarget]) -> Result<Vec<Lock>, TxError> {
+fn read_locks(
+    c: &mut Db<'_, impl GenericClient>,
+    targets: &[LockTarget],
+) -> Result<Vec<Lock>, TxError> {
     let q = query::locks_for(Dialect::Postgres, "name, doc::text", targets);
     let rows = c.query(q.sql.as_str(), &pg_params(&q.args))?;
     let mut locks = Vec::with_capacity(rows.len());
@@ -472,7 +599,7 @@ fn read_locks(c: &mut impl GenericClient, targets: &[LockTarget]) -> Result<Vec<
     Ok(locks)
 }
 
-fn insert_audit(c: &mut impl GenericClient, events: &[AuditEvent]) -> Result<(), TxError> {
+fn insert_audit(c: &mut Db<'_, impl GenericClient>, events: &[AuditEvent]) -> Result<(), TxError> {
     for ev in events {
         let doc = to_json(ev)?;
         c.execute(
@@ -487,7 +614,7 @@ impl Store for PostgresStore {
     fn create_bot(&self, bot: &Bot) -> Result<(), StoreError> {
         let doc = to_json(bot)?;
         self.insert(
-            &mut *self.conn()?,
+            &mut self.conn()?.db(),
             "INSERT INTO bots (name, created_at, doc) VALUES ($1, $2, $3::text::jsonb)",
             &[&bot.name, &bot.created_at, &doc],
             || format!("bot {}", bot.name),
@@ -497,6 +624,7 @@ impl Store for PostgresStore {
     fn get_bot(&self, name: &str) -> Result<Option<Bot>, StoreError> {
         let row = self
             .conn()?
+            .db()
             .query_opt("SELECT doc::text FROM bots WHERE name = $1", &[&name])
             .map_err(|e| self.err(e))?;
         row.map(|r| from_json(&format!("bot {name}"), r.get(0)))
@@ -508,24 +636,23 @@ impl Store for PostgresStore {
     }
 
     fn delete_bot(&self, name: &str) -> Result<bool, StoreError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction().map_err(|e| self.err(e))?;
-        let n = tx
-            .execute("DELETE FROM bots WHERE name = $1", &[&name])
-            .map_err(|e| self.err(e))?;
-        tx.execute("DELETE FROM tokens WHERE bot_name = $1", &[&name])
-            .map_err(|e| self.err(e))?;
-        tx.execute("DELETE FROM instances WHERE bot_name = $1", &[&name])
-            .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(n > 0)
+        self.in_transaction(|db| {
+            let n = db
+                .execute("DELETE FROM bots WHERE name = $1", &[&name])
+                .map_err(|e| self.err(e))?;
+            db.execute("DELETE FROM tokens WHERE bot_name = $1", &[&name])
+                .map_err(|e| self.err(e))?;
+            db.execute("DELETE FROM instances WHERE bot_name = $1", &[&name])
+                .map_err(|e| self.err(e))?;
+            Ok(n > 0)
+        })
     }
 
     fn create_token(&self, token: &Token) -> Result<(), StoreError> {
         let spec = to_json(&token.spec)?;
         let status = to_json(&token.status)?;
         self.insert(
-            &mut *self.conn()?,
+            &mut self.conn()?.db(),
             "INSERT INTO tokens (name, bot_name, created_at, spec, status, revision)
              VALUES ($1, $2, $3, $4::text::jsonb, $5::text::jsonb, 1)",
             &[
@@ -542,6 +669,7 @@ impl Store for PostgresStore {
     fn get_token(&self, name: &str) -> Result<Option<Token>, StoreError> {
         let row = self
             .conn()?
+            .db()
             .query_opt(
                 &format!("SELECT {TOKEN_COLS} FROM tokens WHERE name = $1"),
                 &[&name],
@@ -553,6 +681,7 @@ impl Store for PostgresStore {
     fn list_tokens(&self) -> Result<Vec<Token>, StoreError> {
         let rows = self
             .conn()?
+            .db()
             .query(
                 &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY name"),
                 &[],
@@ -573,23 +702,22 @@ impl Store for PostgresStore {
         expected_revision: u64,
     ) -> Result<(), StoreError> {
         let doc = to_json(spec)?;
-        let mut c = self.conn()?;
-        let mut tx = c.transaction().map_err(|e| self.err(e))?;
-        // Only `spec` (and the bot_name column derived from it) is written: a spec edit must
-        // never overwrite status a ceremony committed.
-        let n = tx
-            .execute(
-                "UPDATE tokens SET spec = $1::text::jsonb, bot_name = $2, revision = revision + 1
-                 WHERE name = $3 AND revision = $4",
-                &[&doc, &spec.bot_name, &name, &rev_to_sql(expected_revision)?],
-            )
-            .map_err(|e| self.err(e))?;
-        if n == 0 {
-            return Err(
-                cas_miss(&mut tx, "tokens", "name", name, "token").map_err(|e| self.err(e))?
-            );
-        }
-        tx.commit().map_err(|e| self.err(e))
+        self.in_transaction(|db| {
+            // Only `spec` (and the bot_name column derived from it) is written: a spec edit
+            // must never overwrite status a ceremony committed.
+            let n = db
+                .execute(
+                    "UPDATE tokens SET spec = $1::text::jsonb, bot_name = $2,
+                         revision = revision + 1
+                     WHERE name = $3 AND revision = $4",
+                    &[&doc, &spec.bot_name, &name, &rev_to_sql(expected_revision)?],
+                )
+                .map_err(|e| self.err(e))?;
+            if n == 0 {
+                return Err(cas_miss(db, "tokens", "name", name, "token").map_err(|e| self.err(e))?);
+            }
+            Ok(())
+        })
     }
 
     fn delete_token(&self, name: &str) -> Result<bool, StoreError> {
@@ -599,6 +727,7 @@ impl Store for PostgresStore {
     fn get_instance(&self, id: &str) -> Result<Option<BotInstance>, StoreError> {
         let row = self
             .conn()?
+            .db()
             .query_opt(
                 "SELECT id, doc::text, revision FROM instances WHERE id = $1",
                 &[&id],
@@ -610,6 +739,7 @@ impl Store for PostgresStore {
     fn list_instances(&self, bot: Option<&str>) -> Result<Vec<BotInstance>, StoreError> {
         let rows = self
             .conn()?
+            .db()
             .query(
                 "SELECT id, doc::text, revision FROM instances
                  WHERE $1::text IS NULL OR bot_name = $1 ORDER BY id",
@@ -631,6 +761,7 @@ impl Store for PostgresStore {
     fn bot_counts(&self, bot: &str, now: UnixTime) -> Result<BotCounts, StoreError> {
         let r = self
             .conn()?
+            .db()
             .query_one(
                 "SELECT (SELECT count(*) FROM tokens WHERE bot_name = $1),
                      count(*), count(*) FILTER (WHERE expires > $2)
@@ -646,10 +777,9 @@ impl Store for PostgresStore {
         instance: &BotInstance,
         expected_revision: u64,
     ) -> Result<(), StoreError> {
-        let mut c = self.conn()?;
-        let mut tx = c.transaction().map_err(|e| self.err(e))?;
-        update_instance_tx(&mut tx, instance, expected_revision).map_err(|e| self.map_tx(e))?;
-        tx.commit().map_err(|e| self.err(e))
+        self.in_transaction(|db| {
+            update_instance_tx(db, instance, expected_revision).map_err(|e| self.map_tx(e))
+        })
     }
 
     /// One transaction for a group of heartbeat writes, as the SQLite store does: a
@@ -661,7 +791,8 @@ impl Store for PostgresStore {
             Ok(c) => c,
             Err(e) => return all(e),
         };
-        let mut tx = match c.transaction() {
+        let PgConn { client, statements } = &mut *c;
+        let mut tx = match client.transaction() {
             Ok(tx) => tx,
             Err(e) => return all(self.err(e)),
         };
@@ -673,7 +804,11 @@ impl Store for PostgresStore {
                 Ok(sp) => sp,
                 Err(e) => return all(self.err(e)),
             };
-            match update_instance_tx(&mut sp, instance, *expected_revision) {
+            let mut db = Db {
+                c: &mut sp,
+                st: statements,
+            };
+            match update_instance_tx(&mut db, instance, *expected_revision) {
                 Ok(()) => match sp.commit() {
                     Ok(()) => results.push(Ok(())),
                     Err(e) => return all(self.err(e)),
@@ -701,56 +836,55 @@ impl Store for PostgresStore {
     }
 
     fn commit(&self, c: &Commit) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
-        // Any early return drops `tx`, which rolls back: a failed commit writes nothing.
-        let mut tx = conn.transaction().map_err(|e| self.err(e))?;
-        if let Some(guard) = &c.lock_guard {
-            let locks = read_locks(&mut tx, &guard.targets).map_err(|e| self.map_tx(e))?;
-            if let Some(l) = guard.blocking(&locks) {
-                return Err(StoreError::Locked(l.name.clone()));
+        self.in_transaction(|db| {
+            if let Some(guard) = &c.lock_guard {
+                let locks = read_locks(db, &guard.targets).map_err(|e| self.map_tx(e))?;
+                if let Some(l) = guard.blocking(&locks) {
+                    return Err(StoreError::Locked(l.name.clone()));
+                }
             }
-        }
-        if let Some(tw) = &c.token {
-            let status = to_json(&tw.status)?;
-            let n = tx
-                .execute(
-                    "UPDATE tokens SET status = $1::text::jsonb, revision = revision + 1
-                     WHERE name = $2 AND revision = $3",
-                    &[&status, &tw.name, &rev_to_sql(tw.expected_revision)?],
-                )
-                .map_err(|e| self.err(e))?;
-            if n == 0 {
-                return Err(cas_miss(&mut tx, "tokens", "name", &tw.name, "token")
-                    .map_err(|e| self.err(e))?);
+            if let Some(tw) = &c.token {
+                let status = to_json(&tw.status)?;
+                let n = db
+                    .execute(
+                        "UPDATE tokens SET status = $1::text::jsonb, revision = revision + 1
+                         WHERE name = $2 AND revision = $3",
+                        &[&status, &tw.name, &rev_to_sql(tw.expected_revision)?],
+                    )
+                    .map_err(|e| self.err(e))?;
+                if n == 0 {
+                    return Err(cas_miss(db, "tokens", "name", &tw.name, "token")
+                        .map_err(|e| self.err(e))?);
+                }
             }
-        }
-        match &c.instance {
-            InstanceWrite::Create(i) => {
-                let mut i = i.clone();
-                i.revision = 1;
-                let doc = to_json(&i)?;
-                self.insert(
-                    &mut tx,
-                    "INSERT INTO instances (id, bot_name, created_at, expires, doc, revision)
-                     VALUES ($1, $2, $3, $4, $5::text::jsonb, 1)",
-                    &[
-                        &i.spec.instance_id,
-                        &i.spec.bot_name,
-                        &i.spec.created_at,
-                        &i.status.expires,
-                        &doc,
-                    ],
-                    || format!("bot instance {}", i.spec.instance_id),
-                )?;
+            match &c.instance {
+                InstanceWrite::Create(i) => {
+                    let mut i = i.clone();
+                    i.revision = 1;
+                    let doc = to_json(&i)?;
+                    self.insert(
+                        db,
+                        "INSERT INTO instances (id, bot_name, created_at, expires, doc, revision)
+                         VALUES ($1, $2, $3, $4, $5::text::jsonb, 1)",
+                        &[
+                            &i.spec.instance_id,
+                            &i.spec.bot_name,
+                            &i.spec.created_at,
+                            &i.status.expires,
+                            &doc,
+                        ],
+                        || format!("bot instance {}", i.spec.instance_id),
+                    )?;
+                }
+                InstanceWrite::Update {
+                    instance,
+                    expected_revision,
+                } => update_instance_tx(db, instance, *expected_revision)
+                    .map_err(|e| self.map_tx(e))?,
             }
-            InstanceWrite::Update {
-                instance,
-                expected_revision,
-            } => update_instance_tx(&mut tx, instance, *expected_revision)
-                .map_err(|e| self.map_tx(e))?,
-        }
-        insert_audit(&mut tx, &c.audit).map_err(|e| self.map_tx(e))?;
-        tx.commit().map_err(|e| self.err(e))
+            insert_audit(db, &c.audit).map_err(|e| self.map_tx(e))?;
+            Ok(())
+        })
     }
 
     fn add_lock(&self, lock: &Lock) -> Result<bool, StoreError> {
@@ -768,13 +902,13 @@ impl Store for PostgresStore {
     }
 
     fn locks_for(&self, targets: &[LockTarget]) -> Result<Vec<Lock>, StoreError> {
-        let mut c = self.conn()?;
-        read_locks(&mut *c, targets).map_err(|e| self.map_tx(e))
+        read_locks(&mut self.conn()?.db(), targets).map_err(|e| self.map_tx(e))
     }
 
     fn get_lock(&self, name: &str) -> Result<Option<Lock>, StoreError> {
         let row = self
             .conn()?
+            .db()
             .query_opt("SELECT doc::text FROM locks WHERE name = $1", &[&name])
             .map_err(|e| self.err(e))?;
         row.map(|r| from_json(&format!("lock {name}"), r.get(0)))
@@ -786,8 +920,8 @@ impl Store for PostgresStore {
     }
 
     fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        let mut c = self.conn()?;
-        insert_audit(&mut *c, std::slice::from_ref(event)).map_err(|e| self.map_tx(e))
+        insert_audit(&mut self.conn()?.db(), std::slice::from_ref(event))
+            .map_err(|e| self.map_tx(e))
     }
 
     fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
@@ -805,6 +939,7 @@ impl Store for PostgresStore {
     fn load_authority(&self) -> Result<Option<(AuthorityState, u64)>, StoreError> {
         let row = self
             .conn()?
+            .db()
             .query_opt(
                 "SELECT doc::text, revision FROM authority WHERE id = 1",
                 &[],
@@ -822,7 +957,7 @@ impl Store for PostgresStore {
         let doc = to_json(state)?;
         match expected_revision {
             None => self.insert(
-                &mut *self.conn()?,
+                &mut self.conn()?.db(),
                 "INSERT INTO authority (id, doc, revision) VALUES (1, $1::text::jsonb, 1)",
                 &[&doc],
                 || "authority".into(),

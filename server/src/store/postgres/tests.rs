@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Barrier};
 
+use boundkey_auth::model::LockTarget;
 use boundkey_auth::store::Store;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
@@ -149,6 +150,7 @@ fn tls_modes_verify_what_they_promise() {
     let ssl: bool = s
         .conn()
         .unwrap()
+        .db()
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             &[],
@@ -178,4 +180,37 @@ fn tls_verify_full_accepts_the_right_name() {
     )
     .unwrap();
     assert!(s.list_bots().unwrap().is_empty());
+}
+
+/// A statement is prepared once per connection and then reused: the hot lookups are one round
+/// trip each, not a prepare and a run. The server's own list of prepared statements shows it.
+#[test]
+fn statements_are_prepared_once_per_connection() {
+    let pg = Postgres::fresh();
+    let s = PostgresStore::open(
+        &pg.url,
+        &PostgresOptions {
+            pool_size: 1,
+            ..pg.options()
+        },
+    )
+    .unwrap();
+    let targets = [LockTarget::Bot("b".into())];
+    for _ in 0..5 {
+        assert!(s.get_instance("no-such-instance").unwrap().is_none());
+        assert!(s.locks_for(&targets).unwrap().is_empty());
+    }
+    let prepared = |like: &str| -> i64 {
+        s.conn()
+            .unwrap()
+            .db()
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE $1",
+                &[&like],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(prepared("%FROM instances WHERE id = $1%"), 1);
+    assert_eq!(prepared("%FROM locks WHERE%"), 1);
 }
