@@ -782,48 +782,23 @@ impl Store for PostgresStore {
         })
     }
 
-    /// One transaction for a group of heartbeat writes, as the SQLite store does: a
-    /// compare-and-swap that misses fails alone (a savepoint each), a database error fails the
-    /// group.
+    /// One transaction for a group of heartbeat writes, as the SQLite store does. A
+    /// compare-and-swap that misses is an `UPDATE` of no rows, not a failed statement, so it
+    /// neither writes nor aborts the transaction and needs no savepoint: it fails alone. A
+    /// database error fails the group.
     fn update_instances(&self, updates: &[(BotInstance, u64)]) -> Vec<Result<(), StoreError>> {
-        let all = |e: StoreError| updates.iter().map(|_| Err(e.clone())).collect();
-        let mut c = match self.conn() {
-            Ok(c) => c,
-            Err(e) => return all(e),
-        };
-        let PgConn { client, statements } = &mut *c;
-        let mut tx = match client.transaction() {
-            Ok(tx) => tx,
-            Err(e) => return all(self.err(e)),
-        };
-        let mut results = Vec::with_capacity(updates.len());
-        for (instance, expected_revision) in updates {
-            // A statement that fails inside a PostgreSQL transaction aborts it; the savepoint
-            // keeps one instance's miss from taking the group's other writes with it.
-            let mut sp = match tx.transaction() {
-                Ok(sp) => sp,
-                Err(e) => return all(self.err(e)),
-            };
-            let mut db = Db {
-                c: &mut sp,
-                st: statements,
-            };
-            match update_instance_tx(&mut db, instance, *expected_revision) {
-                Ok(()) => match sp.commit() {
+        self.in_transaction(|db| {
+            let mut results = Vec::with_capacity(updates.len());
+            for (instance, expected_revision) in updates {
+                match update_instance_tx(db, instance, *expected_revision) {
                     Ok(()) => results.push(Ok(())),
-                    Err(e) => return all(self.err(e)),
-                },
-                Err(TxError::Store(e)) => {
-                    drop(sp);
-                    results.push(Err(e));
+                    Err(TxError::Store(e)) => results.push(Err(e)),
+                    Err(TxError::Sql(e)) => return Err(self.err(e)),
                 }
-                Err(TxError::Sql(e)) => return all(self.err(e)),
             }
-        }
-        match tx.commit() {
-            Ok(()) => results,
-            Err(e) => all(self.err(e)),
-        }
+            Ok(results)
+        })
+        .unwrap_or_else(|e| updates.iter().map(|_| Err(e.clone())).collect())
     }
 
     fn delete_instance(&self, id: &str) -> Result<bool, StoreError> {
