@@ -34,5 +34,7 @@ echo "== device targets: cross builds, the aarch64 and armv7 agents under qemu a
 bash cross/check.sh
 echo "== Debian packages: built, installed, run as their units' users, removed, purged"
 bash scripts/deb.sh
+echo "== load generator, quick version (8 devices against authd, then against the bare TLS server)"
+cargo test -p boundkey-server --locked --bench loadgen -q 2>&1 | tail -n 12
 echo "== cargo test"
 cargo test --workspace --locked --features boundkey/pair-test "$@"

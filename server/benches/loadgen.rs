@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use boundkey_auth::authority::{Authority, AuthorityState, IdentityClaims};
+use boundkey_auth::UnixTime;
 use boundkey_proto::frame::{decode_frame, encode_frame, payload_len};
 use boundkey_proto::keys::pkix_b64;
 use boundkey_proto::{
@@ -53,6 +54,208 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
+
+// ---------------------------------------------------------------------------------------------
+// The ceiling: heartbeats against a server that does nothing a heartbeat could do without.
+
+/// The listener's own TLS configuration (server/src/tls.rs) for `authority`.
+fn listener_tls(authority: &Authority, now: UnixTime) -> Arc<ServerConfig> {
+    let provider = boundkey_server::tls::provider();
+    let verifier =
+        boundkey_server::tls::ReloadableClientVerifier::new(provider.clone(), authority, now)
+            .unwrap();
+    boundkey_server::tls::server_config(
+        provider,
+        authority,
+        &["localhost".to_string()],
+        verifier,
+        now,
+    )
+    .unwrap()
+}
+
+/// An identity certificate (PEM) from `authority` for device `n`'s key, as a renewing device
+/// presents it.
+fn device_certificate(
+    authority: &Authority,
+    cluster: &str,
+    n: usize,
+    key: &DeviceKey,
+    now: UnixTime,
+) -> String {
+    authority
+        .issue_identity(
+            &IdentityClaims {
+                cluster: cluster.into(),
+                bot_name: cluster.into(),
+                instance_id: format!("00000000-0000-4000-8000-{n:012}"),
+                generation: 1,
+                join_method: JoinMethod::BoundKeypair,
+                join_token: cluster.into(),
+            },
+            &key.p256_public(),
+            3600,
+            now,
+        )
+        .unwrap()
+        .certificate_pem
+}
+
+/// A phase operation: one heartbeat from the device, resuming its session or not.
+fn heartbeat_op(
+    target: Target,
+    resume: bool,
+    started: Instant,
+) -> impl Fn(usize, usize, Arc<Mutex<Device>>) -> BoxFuture<Result<bool, Failure>> + Send + Sync + 'static
+{
+    move |w: usize, i: usize, d: Arc<Mutex<Device>>| {
+        let target = target.clone();
+        Box::pin(async move {
+            let d = d.lock().await;
+            heartbeat(&target, w, i, &d, resume, started).await
+        }) as BoxFuture<_>
+    }
+}
+
+/// Runs this process as a bare heartbeat server: the listener's TLS configuration
+/// (`server/src/tls.rs`) and its shape (accepts on one thread, connections on per-core
+/// [`Workers`](boundkey_server::workers::Workers)), answering each first frame with
+/// `heartbeat_ack`. No service, no store, no second certificate check: TCP, the TLS
+/// handshake and one frame each way. Prints its address, then serves until killed.
+fn serve_ceiling(state_file: &std::path::Path) {
+    let state: AuthorityState =
+        serde_json::from_slice(&std::fs::read(state_file).unwrap()).unwrap();
+    let authority = Authority::load(&state).unwrap();
+    let config = listener_tls(&authority, boundkey_server::now());
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let workers = boundkey_server::workers::Workers::per_core().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (Ok(tcp), acceptor) = (tcp.into_std(), acceptor.clone()) else {
+                continue;
+            };
+            workers.spawn(async move {
+                let Ok(tcp) = TcpStream::from_std(tcp) else {
+                    return;
+                };
+                let _ = tcp.set_nodelay(true);
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut header = [0u8; 4];
+                if tls.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                let Ok(len) = payload_len(header) else {
+                    return;
+                };
+                let mut payload = vec![0u8; len];
+                if tls.read_exact(&mut payload).await.is_err()
+                    || decode_frame::<ClientMessage>(&payload).is_err()
+                {
+                    return;
+                }
+                let ack = encode_frame(&ServerMessage::HeartbeatAck(Default::default())).unwrap();
+                let _ = tls.write_all(&ack).await;
+                let _ = tls.flush().await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+}
+
+/// `--phases ceiling`: resumed heartbeats from `--devices` devices against [`serve_ceiling`]
+/// in a child process, measured as authd is (its CPU from /proc, next to the same floor).
+async fn ceiling(args: &Args, cores: usize) {
+    let floor = Floor::measure(args.floor_iters);
+    floor.print();
+    let now = boundkey_server::now();
+    let state = AuthorityState::generate("ceiling", now).unwrap();
+    let authority = Authority::load(&state).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("authority.json");
+    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+    let mut child = CeilingServer(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--serve-ceiling")
+            .arg(&state_file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let target = Target {
+        addrs: vec![line.trim().parse().unwrap()],
+        ca_pem: authority.tls_ca_pem().to_string(),
+    };
+    let probe = Probe {
+        pids: vec![child.0.id()],
+        ticks: clock_ticks(),
+    };
+    let rng = SystemRandom::new();
+    let devices: Vec<_> = (0..args.devices.max(1))
+        .map(|n| {
+            let identity = DeviceKey::generate(&rng);
+            let cert = device_certificate(&authority, "ceiling", n, &identity, now);
+            let heartbeat = heartbeat_config(&target.ca_pem, &cert, &identity);
+            Arc::new(Mutex::new(Device {
+                token: String::new(),
+                bound: None,
+                secret: None,
+                identity_b64: String::new(),
+                identity,
+                join_state: None,
+                mtls: None,
+                heartbeat: Some(heartbeat),
+            }))
+        })
+        .collect();
+    println!(
+        "ceiling: a bare TLS heartbeat server (pid {}) at {}, {} devices, concurrency {}, {cores} cores",
+        child.0.id(),
+        target.addrs[0],
+        devices.len(),
+        args.concurrency
+    );
+    let op = heartbeat_op(target, true, Instant::now());
+    let r = phase(
+        "heartbeats against the bare TLS server (session resumed between heartbeats)",
+        &devices,
+        args.heartbeats,
+        args.concurrency,
+        args.heartbeat_rate,
+        &probe,
+        op,
+    )
+    .await;
+    r.print(floor.heartbeat_resumed(), cores, &probe.rss());
+    r.require_clean(args);
+}
+
+/// The ceiling's server process, stopped when dropped (a failed check too): left running it
+/// would hold the test's output pipes open, and the test would never end.
+struct CeilingServer(std::process::Child);
+
+impl Drop for CeilingServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// One bounded wait for anything the server should answer at once.
 const ANSWER_WITHIN: Duration = Duration::from_secs(60);
@@ -92,7 +295,9 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     heartbeat_rate: f64,
     /// Phases to run, comma-separated: joins, renewals, heartbeats (joins always run when a
-    /// later phase needs devices); `floor` alone measures the crypto floor and starts no authd.
+    /// later phase needs devices); `floor` alone measures the crypto floor and starts no authd;
+    /// `ceiling` alone sends resumed heartbeats to a bare TLS server instead of authd (no
+    /// service, no store): the most any server could answer on this machine.
     #[arg(long, default_value = "joins,renewals,heartbeats")]
     phases: String,
     /// authd processes to start, each with its own data directory, sharing one store: the
@@ -131,6 +336,9 @@ struct Args {
     /// Passed by `cargo bench`; without it a small quick version runs.
     #[arg(long, hide = true)]
     bench: bool,
+    /// Internal: run as the ceiling server of `--phases ceiling`, with this authority state.
+    #[arg(long, hide = true)]
+    serve_ceiling: Option<PathBuf>,
 }
 
 impl Args {
@@ -325,38 +533,13 @@ impl Floor {
         let now = boundkey_server::now();
         let state = AuthorityState::generate("floor", now).unwrap();
         let authority = Authority::load(&state).unwrap();
-        let provider = boundkey_server::tls::provider();
-        let verifier =
-            boundkey_server::tls::ReloadableClientVerifier::new(provider.clone(), &authority, now)
-                .unwrap();
-        let server = boundkey_server::tls::server_config(
-            provider.clone(),
-            &authority,
-            &["localhost".to_string()],
-            verifier,
-            now,
-        )
-        .unwrap();
+        let server = listener_tls(&authority, now);
         let id = DeviceKey::generate(&rng);
-        let issued = authority
-            .issue_identity(
-                &IdentityClaims {
-                    cluster: "floor".into(),
-                    bot_name: "floor".into(),
-                    instance_id: "00000000-0000-4000-8000-000000000000".into(),
-                    generation: 1,
-                    join_method: JoinMethod::BoundKeypair,
-                    join_token: "floor".into(),
-                },
-                &id.p256_public(),
-                3600,
-                now,
-            )
-            .unwrap();
+        let cert = device_certificate(&authority, "floor", 0, &id, now);
         let ca_pem = authority.tls_ca_pem().to_string();
         let anon = ceremony_config(&ca_pem, None);
-        let mtls = ceremony_config(&ca_pem, Some((&issued.certificate_pem, &id)));
-        let resuming = heartbeat_config(&ca_pem, &issued.certificate_pem, &id);
+        let mtls = ceremony_config(&ca_pem, Some((&cert, &id)));
+        let resuming = heartbeat_config(&ca_pem, &cert, &id);
         let hs_iters = iters.div_ceil(4).max(3);
         let tls_anon = mean_handshake(hs_iters, || handshake(anon.clone(), server.clone()).0);
         let tls_mtls = mean_handshake(hs_iters, || handshake(mtls.clone(), server.clone()).0);
@@ -828,6 +1011,18 @@ struct PhaseResult {
 }
 
 impl PhaseResult {
+    /// In the quick version (a test), every operation must have succeeded.
+    fn require_clean(&self, args: &Args) {
+        if !args.bench {
+            assert!(
+                self.errors.is_empty(),
+                "{}: errors {:?}",
+                self.name,
+                self.errors
+            );
+        }
+    }
+
     fn print(&self, floor: Duration, cores: usize, rss: &str) {
         let rate = self.ok as f64 / self.wall;
         println!("{}:", self.name);
@@ -1007,7 +1202,11 @@ async fn make_tokens(
 
 fn main() {
     let mut args = Args::parse();
-    if !args.bench {
+    if let Some(state) = &args.serve_ceiling {
+        return serve_ceiling(state);
+    }
+    let smoke = !args.bench;
+    if smoke {
         args = args.smoke();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1015,6 +1214,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if smoke && args.phases == Args::parse_from(["loadgen"]).phases {
+        // The quick version (`cargo test --benches`) checks the ceiling's server works too.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rt.block_on(ceiling(&args, cores));
+    }
     rt.block_on(run(args));
 }
 
@@ -1022,6 +1226,9 @@ async fn run(args: Args) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if args.phases.trim() == "floor" {
         return Floor::measure(args.floor_iters).print();
+    }
+    if args.phases.trim() == "ceiling" {
+        return ceiling(&args, cores).await;
     }
     let extra: Vec<String> = args
         .authd_args
@@ -1182,6 +1389,7 @@ async fn run(args: Args) {
     }
     if let Some(j) = joins {
         j.print(floor.first_join(), cores, &probe.rss());
+        j.require_clean(&args);
     }
     if !secret_devices.is_empty() {
         let r = phase(
@@ -1195,6 +1403,7 @@ async fn run(args: Args) {
         )
         .await;
         r.print(floor.secret_join(), cores, &probe.rss());
+        r.require_clean(&args);
     }
     if devices.is_empty() {
         return;
@@ -1212,6 +1421,7 @@ async fn run(args: Args) {
         )
         .await;
         r.print(floor.renewal(), cores, &probe.rss());
+        r.require_clean(&args);
     }
 
     if args.phase("heartbeats") && args.heartbeats > 0 {
@@ -1222,14 +1432,7 @@ async fn run(args: Args) {
         };
         let started = Instant::now();
         for &resume in modes {
-            let target = target.clone();
-            let op = move |w: usize, i: usize, d: Arc<Mutex<Device>>| {
-                let target = target.clone();
-                Box::pin(async move {
-                    let d = d.lock().await;
-                    heartbeat(&target, w, i, &d, resume, started).await
-                }) as BoxFuture<_>
-            };
+            let op = heartbeat_op(target.clone(), resume, started);
             let (name, f) = if resume {
                 (
                     "heartbeats (session resumed between heartbeats)",
@@ -1252,6 +1455,7 @@ async fn run(args: Args) {
             )
             .await;
             r.print(f, cores, &probe.rss());
+            r.require_clean(&args);
         }
     }
     drop(servers);
