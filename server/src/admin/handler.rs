@@ -200,20 +200,22 @@ impl Handler<'_> {
     }
 
     fn bots_ls(&self) -> Result<Vec<BotSummary>, AdminError> {
-        self.store()
+        let counts = self.store().all_bot_counts(self.now)?;
+        Ok(self
+            .store()
             .list_bots()?
             .into_iter()
             .map(|b| {
-                let counts = self.store().bot_counts(&b.name, self.now)?;
-                Ok(BotSummary {
-                    tokens: counts.tokens,
-                    instances: counts.instances,
-                    active_instances: counts.active_instances,
+                let c = counts.get(&b.name).copied().unwrap_or_default();
+                BotSummary {
+                    tokens: c.tokens,
+                    instances: c.instances,
+                    active_instances: c.active_instances,
                     created_at: b.created_at,
                     name: b.name,
-                })
+                }
             })
-            .collect()
+            .collect())
     }
 
     fn bots_rm(&self, name: &str) -> Result<BotDeleted, AdminError> {

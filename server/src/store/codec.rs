@@ -60,6 +60,25 @@ pub(crate) fn bot_counts_from_row((tokens, instances, active): (i64, i64, i64)) 
     }
 }
 
+/// Per-bot counts from the two grouped queries' rows: `(bot, tokens)` and
+/// `(bot, instances, active instances)`.
+pub(crate) fn bot_counts_by_name(
+    tokens: impl IntoIterator<Item = (String, i64)>,
+    instances: impl IntoIterator<Item = (String, i64, i64)>,
+) -> std::collections::BTreeMap<String, BotCounts> {
+    let mut rows: std::collections::BTreeMap<String, (i64, i64, i64)> = Default::default();
+    for (bot, n) in tokens {
+        rows.entry(bot).or_default().0 = n;
+    }
+    for (bot, n, active) in instances {
+        let r = rows.entry(bot).or_default();
+        (r.1, r.2) = (n, active);
+    }
+    rows.into_iter()
+        .map(|(bot, r)| (bot, bot_counts_from_row(r)))
+        .collect()
+}
+
 /// Errors from helpers that run inside a transaction: a store-level outcome (conflict, not
 /// found) or a database error `E`, still to be tagged with the database's name.
 pub(crate) enum TxError<E> {

@@ -130,6 +130,12 @@ mod debug {
         fn bot_counts(&self, bot: &str, now: UnixTime) -> Result<BotCounts, StoreError> {
             self.inner.bot_counts(bot, now)
         }
+        fn all_bot_counts(
+            &self,
+            now: UnixTime,
+        ) -> Result<std::collections::BTreeMap<String, BotCounts>, StoreError> {
+            self.inner.all_bot_counts(now)
+        }
         fn update_instance(
             &self,
             instance: &BotInstance,

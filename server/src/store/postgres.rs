@@ -11,7 +11,7 @@
 //! The client is the blocking `postgres` crate behind an r2d2 pool: the `Store` trait is
 //! synchronous and is called from blocking threads (docs/decisions.md, "PostgreSQL client").
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +28,8 @@ use r2d2_postgres::PostgresConnectionManager;
 use zeroize::Zeroizing;
 
 use super::codec::{
-    self, audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql,
-    rev_to_sql, to_json, token_from_row,
+    self, audit_from_row, bot_counts_by_name, bot_counts_from_row, from_json, instance_from_row,
+    rev_from_sql, rev_to_sql, to_json, token_from_row,
 };
 use super::query::{self, Arg, Dialect};
 
@@ -770,6 +770,28 @@ impl Store for PostgresStore {
             )
             .map_err(|e| self.err(e))?;
         Ok(bot_counts_from_row((r.get(0), r.get(1), r.get(2))))
+    }
+
+    fn all_bot_counts(&self, now: UnixTime) -> Result<BTreeMap<String, BotCounts>, StoreError> {
+        let mut c = self.conn()?;
+        let mut db = c.db();
+        let tokens = db
+            .query(
+                "SELECT bot_name, count(*) FROM tokens GROUP BY bot_name",
+                &[],
+            )
+            .map_err(|e| self.err(e))?;
+        let instances = db
+            .query(
+                "SELECT bot_name, count(*), count(*) FILTER (WHERE expires > $1)
+                 FROM instances GROUP BY bot_name",
+                &[&now],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(bot_counts_by_name(
+            tokens.iter().map(|r| (r.get(0), r.get(1))),
+            instances.iter().map(|r| (r.get(0), r.get(1), r.get(2))),
+        ))
     }
 
     fn update_instance(

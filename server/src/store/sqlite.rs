@@ -5,6 +5,7 @@
 //! serialises writers; WAL lets readers proceed meanwhile). Documents are stored as JSON next to
 //! the columns the queries need, so adding a model field needs no migration.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,8 +24,8 @@ use rusqlite::{
 use serde::de::DeserializeOwned;
 
 use super::codec::{
-    self, audit_from_row, bot_counts_from_row, from_json, instance_from_row, rev_from_sql,
-    rev_to_sql, to_json, token_from_row,
+    self, audit_from_row, bot_counts_by_name, bot_counts_from_row, from_json, instance_from_row,
+    rev_from_sql, rev_to_sql, to_json, token_from_row,
 };
 use super::query::{self, Arg, Dialect};
 
@@ -592,6 +593,28 @@ impl Store for SqliteStore {
             })
             .map_err(|e| self.err(e))?;
         Ok(bot_counts_from_row(counts))
+    }
+
+    fn all_bot_counts(&self, now: UnixTime) -> Result<BTreeMap<String, BotCounts>, StoreError> {
+        let conn = self.conn()?;
+        let tokens = conn
+            .prepare_cached("SELECT bot_name, count(*) FROM tokens GROUP BY bot_name")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| self.err(e))?;
+        let instances = conn
+            .prepare_cached(
+                "SELECT bot_name, count(*), coalesce(sum(CASE WHEN expires > ?1 THEN 1 ELSE 0 END), 0)
+                 FROM instances GROUP BY bot_name",
+            )
+            .and_then(|mut st| {
+                st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(bot_counts_by_name(tokens, instances))
     }
 
     fn update_instance(

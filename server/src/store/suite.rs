@@ -521,6 +521,18 @@ fn bots_cascading_delete_and_counts<B: Backend>() {
     // Expired from the second `expires` is reached.
     assert_eq!(s.bot_counts("robot", 500).unwrap().active_instances, 0);
     assert_eq!(s.bot_counts("none", 100).unwrap(), BotCounts::default());
+    // Every bot at once, as `bots ls` asks: the same counts, each bot alone.
+    let all = s.all_bot_counts(100).unwrap();
+    assert_eq!(all.get("robot"), Some(&s.bot_counts("robot", 100).unwrap()));
+    assert_eq!(
+        all.get("other"),
+        Some(&BotCounts {
+            tokens: 0,
+            instances: 1,
+            active_instances: 0
+        })
+    );
+    assert_eq!(all.get("none"), None);
     assert_eq!(s.list_bots().unwrap().len(), 2);
     assert!(s.delete_bot("robot").unwrap());
     assert!(!s.delete_bot("robot").unwrap());
