@@ -55,208 +55,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
 
-// ---------------------------------------------------------------------------------------------
-// The ceiling: heartbeats against a server that does nothing a heartbeat could do without.
-
-/// The listener's own TLS configuration (server/src/tls.rs) for `authority`.
-fn listener_tls(authority: &Authority, now: UnixTime) -> Arc<ServerConfig> {
-    let provider = boundkey_server::tls::provider();
-    let verifier =
-        boundkey_server::tls::ReloadableClientVerifier::new(provider.clone(), authority, now)
-            .unwrap();
-    boundkey_server::tls::server_config(
-        provider,
-        authority,
-        &["localhost".to_string()],
-        verifier,
-        now,
-    )
-    .unwrap()
-}
-
-/// An identity certificate (PEM) from `authority` for device `n`'s key, as a renewing device
-/// presents it.
-fn device_certificate(
-    authority: &Authority,
-    cluster: &str,
-    n: usize,
-    key: &DeviceKey,
-    now: UnixTime,
-) -> String {
-    authority
-        .issue_identity(
-            &IdentityClaims {
-                cluster: cluster.into(),
-                bot_name: cluster.into(),
-                instance_id: format!("00000000-0000-4000-8000-{n:012}"),
-                generation: 1,
-                join_method: JoinMethod::BoundKeypair,
-                join_token: cluster.into(),
-            },
-            &key.p256_public(),
-            3600,
-            now,
-        )
-        .unwrap()
-        .certificate_pem
-}
-
-/// A phase operation: one heartbeat from the device, resuming its session or not.
-fn heartbeat_op(
-    target: Target,
-    resume: bool,
-    started: Instant,
-) -> impl Fn(usize, usize, Arc<Mutex<Device>>) -> BoxFuture<Result<bool, Failure>> + Send + Sync + 'static
-{
-    move |w: usize, i: usize, d: Arc<Mutex<Device>>| {
-        let target = target.clone();
-        Box::pin(async move {
-            let d = d.lock().await;
-            heartbeat(&target, w, i, &d, resume, started).await
-        }) as BoxFuture<_>
-    }
-}
-
-/// Runs this process as a bare heartbeat server: the listener's TLS configuration
-/// (`server/src/tls.rs`) and its shape (accepts on one thread, connections on per-core
-/// [`Workers`](boundkey_server::workers::Workers)), answering each first frame with
-/// `heartbeat_ack`. No service, no store, no second certificate check: TCP, the TLS
-/// handshake and one frame each way. Prints its address, then serves until killed.
-fn serve_ceiling(state_file: &std::path::Path) {
-    let state: AuthorityState =
-        serde_json::from_slice(&std::fs::read(state_file).unwrap()).unwrap();
-    let authority = Authority::load(&state).unwrap();
-    let config = listener_tls(&authority, boundkey_server::now());
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let workers = boundkey_server::workers::Workers::per_core().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", listener.local_addr().unwrap());
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (Ok(tcp), acceptor) = (tcp.into_std(), acceptor.clone()) else {
-                continue;
-            };
-            workers.spawn(async move {
-                let Ok(tcp) = TcpStream::from_std(tcp) else {
-                    return;
-                };
-                let _ = tcp.set_nodelay(true);
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut header = [0u8; 4];
-                if tls.read_exact(&mut header).await.is_err() {
-                    return;
-                }
-                let Ok(len) = payload_len(header) else {
-                    return;
-                };
-                let mut payload = vec![0u8; len];
-                if tls.read_exact(&mut payload).await.is_err()
-                    || decode_frame::<ClientMessage>(&payload).is_err()
-                {
-                    return;
-                }
-                let ack = encode_frame(&ServerMessage::HeartbeatAck(Default::default())).unwrap();
-                let _ = tls.write_all(&ack).await;
-                let _ = tls.flush().await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-}
-
-/// `--phases ceiling`: resumed heartbeats from `--devices` devices against [`serve_ceiling`]
-/// in a child process, measured as authd is (its CPU from /proc, next to the same floor).
-async fn ceiling(args: &Args, cores: usize) {
-    let floor = Floor::measure(args.floor_iters);
-    floor.print();
-    let now = boundkey_server::now();
-    let state = AuthorityState::generate("ceiling", now).unwrap();
-    let authority = Authority::load(&state).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let state_file = dir.path().join("authority.json");
-    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
-    let mut child = CeilingServer(
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .arg("--serve-ceiling")
-            .arg(&state_file)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let target = Target {
-        addrs: vec![line.trim().parse().unwrap()],
-        ca_pem: authority.tls_ca_pem().to_string(),
-    };
-    let probe = Probe {
-        pids: vec![child.0.id()],
-        ticks: clock_ticks(),
-    };
-    let rng = SystemRandom::new();
-    let devices: Vec<_> = (0..args.devices.max(1))
-        .map(|n| {
-            let identity = DeviceKey::generate(&rng);
-            let cert = device_certificate(&authority, "ceiling", n, &identity, now);
-            let heartbeat = heartbeat_config(&target.ca_pem, &cert, &identity);
-            Arc::new(Mutex::new(Device {
-                token: String::new(),
-                bound: None,
-                secret: None,
-                identity_b64: String::new(),
-                identity,
-                join_state: None,
-                mtls: None,
-                heartbeat: Some(heartbeat),
-            }))
-        })
-        .collect();
-    println!(
-        "ceiling: a bare TLS heartbeat server (pid {}) at {}, {} devices, concurrency {}, {cores} cores",
-        child.0.id(),
-        target.addrs[0],
-        devices.len(),
-        args.concurrency
-    );
-    let op = heartbeat_op(target, true, Instant::now());
-    let r = phase(
-        "heartbeats against the bare TLS server (session resumed between heartbeats)",
-        &devices,
-        args.heartbeats,
-        args.concurrency,
-        args.heartbeat_rate,
-        &probe,
-        op,
-    )
-    .await;
-    r.print(floor.heartbeat_resumed(), cores, &probe.rss());
-    r.require_clean(args);
-}
-
-/// The ceiling's server process, stopped when dropped (a failed check too): left running it
-/// would hold the test's output pipes open, and the test would never end.
-struct CeilingServer(std::process::Child);
-
-impl Drop for CeilingServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One bounded wait for anything the server should answer at once.
 const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 
@@ -1011,8 +809,9 @@ struct PhaseResult {
 }
 
 impl PhaseResult {
-    /// In the quick version (a test), every operation must have succeeded.
-    fn require_clean(&self, args: &Args) {
+    /// Prints the phase; in the quick version (a test) every operation must have succeeded.
+    fn report(&self, floor: Duration, cores: usize, rss: &str, args: &Args) {
+        self.print(floor, cores, rss);
         if !args.bench {
             assert!(
                 self.errors.is_empty(),
@@ -1200,6 +999,214 @@ async fn make_tokens(
     .unwrap()
 }
 
+// ---------------------------------------------------------------------------------------------
+// The ceiling: heartbeats against a server that does nothing a heartbeat could do without.
+
+/// The listener's own TLS configuration (server/src/tls.rs) for `authority`.
+fn listener_tls(authority: &Authority, now: UnixTime) -> Arc<ServerConfig> {
+    let provider = boundkey_server::tls::provider();
+    let verifier =
+        boundkey_server::tls::ReloadableClientVerifier::new(provider.clone(), authority, now)
+            .unwrap();
+    boundkey_server::tls::server_config(
+        provider,
+        authority,
+        &["localhost".to_string()],
+        verifier,
+        now,
+    )
+    .unwrap()
+}
+
+/// An identity certificate (PEM) from `authority` for device `n`'s key, as a renewing device
+/// presents it.
+fn device_certificate(
+    authority: &Authority,
+    cluster: &str,
+    n: usize,
+    key: &DeviceKey,
+    now: UnixTime,
+) -> String {
+    authority
+        .issue_identity(
+            &IdentityClaims {
+                cluster: cluster.into(),
+                bot_name: cluster.into(),
+                instance_id: format!("00000000-0000-4000-8000-{n:012}"),
+                generation: 1,
+                join_method: JoinMethod::BoundKeypair,
+                join_token: cluster.into(),
+            },
+            &key.p256_public(),
+            3600,
+            now,
+        )
+        .unwrap()
+        .certificate_pem
+}
+
+/// A heartbeat phase: `args.heartbeats` heartbeats spread over `devices`, each resuming its
+/// device's session or not, at `args.heartbeat_rate`.
+async fn heartbeat_phase(
+    name: &str,
+    devices: &[Arc<Mutex<Device>>],
+    target: Target,
+    resume: bool,
+    started: Instant,
+    args: &Args,
+    probe: &Probe,
+) -> PhaseResult {
+    let op = move |w: usize, i: usize, d: Arc<Mutex<Device>>| {
+        let target = target.clone();
+        Box::pin(async move {
+            let d = d.lock().await;
+            heartbeat(&target, w, i, &d, resume, started).await
+        }) as BoxFuture<_>
+    };
+    let (total, rate) = (args.heartbeats, args.heartbeat_rate);
+    phase(name, devices, total, args.concurrency, rate, probe, op).await
+}
+
+/// Runs this process as a bare heartbeat server: the listener's TLS configuration
+/// (`server/src/tls.rs`) and its shape (accepts on one thread, connections on per-core
+/// [`Workers`](boundkey_server::workers::Workers)), answering each first frame with
+/// `heartbeat_ack`. No service, no store, no second certificate check: TCP, the TLS
+/// handshake and one frame each way. Prints its address, then serves until killed.
+fn serve_ceiling(state_file: &std::path::Path) {
+    let state: AuthorityState =
+        serde_json::from_slice(&std::fs::read(state_file).unwrap()).unwrap();
+    let authority = Authority::load(&state).unwrap();
+    let config = listener_tls(&authority, boundkey_server::now());
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let workers = boundkey_server::workers::Workers::per_core().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(tcp) = tcp.into_std() else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            workers.spawn(async move {
+                let Ok(tcp) = TcpStream::from_std(tcp) else {
+                    return;
+                };
+                let _ = tcp.set_nodelay(true);
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut header = [0u8; 4];
+                if tls.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                let Ok(len) = payload_len(header) else {
+                    return;
+                };
+                let mut payload = vec![0u8; len];
+                if tls.read_exact(&mut payload).await.is_err()
+                    || decode_frame::<ClientMessage>(&payload).is_err()
+                {
+                    return;
+                }
+                let ack = encode_frame(&ServerMessage::HeartbeatAck(Default::default())).unwrap();
+                let _ = tls.write_all(&ack).await;
+                let _ = tls.flush().await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+}
+
+/// `--phases ceiling`: resumed heartbeats from `--devices` devices against [`serve_ceiling`]
+/// in a child process, measured as authd is (its CPU from /proc, next to the same floor).
+async fn ceiling(args: &Args) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let floor = Floor::measure(args.floor_iters);
+    floor.print();
+    let now = boundkey_server::now();
+    let state = AuthorityState::generate("ceiling", now).unwrap();
+    let authority = Authority::load(&state).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("authority.json");
+    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+    let mut child = CeilingServer(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--serve-ceiling")
+            .arg(&state_file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let target = Target {
+        addrs: vec![line.trim().parse().unwrap()],
+        ca_pem: authority.tls_ca_pem().to_string(),
+    };
+    let probe = Probe {
+        pids: vec![child.0.id()],
+        ticks: clock_ticks(),
+    };
+    let rng = SystemRandom::new();
+    let devices: Vec<_> = (0..args.devices.max(1))
+        .map(|n| {
+            let identity = DeviceKey::generate(&rng);
+            let cert = device_certificate(&authority, "ceiling", n, &identity, now);
+            let heartbeat = heartbeat_config(&target.ca_pem, &cert, &identity);
+            Arc::new(Mutex::new(Device {
+                token: String::new(),
+                bound: None,
+                secret: None,
+                identity_b64: String::new(),
+                identity,
+                join_state: None,
+                mtls: None,
+                heartbeat: Some(heartbeat),
+            }))
+        })
+        .collect();
+    println!(
+        "ceiling: a bare TLS heartbeat server (pid {}) at {}, {} devices, concurrency {}, {cores} cores",
+        child.0.id(),
+        target.addrs[0],
+        devices.len(),
+        args.concurrency
+    );
+    let r = heartbeat_phase(
+        "heartbeats against the bare TLS server (session resumed between heartbeats)",
+        &devices,
+        target,
+        true,
+        Instant::now(),
+        args,
+        &probe,
+    )
+    .await;
+    r.report(floor.heartbeat_resumed(), cores, &probe.rss(), args);
+}
+
+/// The ceiling's server process, stopped when dropped (a failed check too): left running it
+/// would hold the test's output pipes open, and the test would never end.
+struct CeilingServer(std::process::Child);
+
+impl Drop for CeilingServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
     let mut args = Args::parse();
     if let Some(state) = &args.serve_ceiling {
@@ -1214,10 +1221,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    if smoke && args.phases == Args::parse_from(["loadgen"]).phases {
+    if smoke && args.phase("heartbeats") {
         // The quick version (`cargo test --benches`) checks the ceiling's server works too.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        rt.block_on(ceiling(&args, cores));
+        rt.block_on(ceiling(&args));
     }
     rt.block_on(run(args));
 }
@@ -1228,7 +1234,7 @@ async fn run(args: Args) {
         return Floor::measure(args.floor_iters).print();
     }
     if args.phases.trim() == "ceiling" {
-        return ceiling(&args, cores).await;
+        return ceiling(&args).await;
     }
     let extra: Vec<String> = args
         .authd_args
@@ -1388,8 +1394,7 @@ async fn run(args: Args) {
         from = upto;
     }
     if let Some(j) = joins {
-        j.print(floor.first_join(), cores, &probe.rss());
-        j.require_clean(&args);
+        j.report(floor.first_join(), cores, &probe.rss(), &args);
     }
     if !secret_devices.is_empty() {
         let r = phase(
@@ -1402,8 +1407,7 @@ async fn run(args: Args) {
             ceremony_op.clone(),
         )
         .await;
-        r.print(floor.secret_join(), cores, &probe.rss());
-        r.require_clean(&args);
+        r.report(floor.secret_join(), cores, &probe.rss(), &args);
     }
     if devices.is_empty() {
         return;
@@ -1420,8 +1424,7 @@ async fn run(args: Args) {
             ceremony_op.clone(),
         )
         .await;
-        r.print(floor.renewal(), cores, &probe.rss());
-        r.require_clean(&args);
+        r.report(floor.renewal(), cores, &probe.rss(), &args);
     }
 
     if args.phase("heartbeats") && args.heartbeats > 0 {
@@ -1432,7 +1435,6 @@ async fn run(args: Args) {
         };
         let started = Instant::now();
         for &resume in modes {
-            let op = heartbeat_op(target.clone(), resume, started);
             let (name, f) = if resume {
                 (
                     "heartbeats (session resumed between heartbeats)",
@@ -1444,18 +1446,17 @@ async fn run(args: Args) {
                     floor.heartbeat_full(),
                 )
             };
-            let r = phase(
+            let r = heartbeat_phase(
                 name,
                 &devices,
-                args.heartbeats,
-                args.concurrency,
-                args.heartbeat_rate,
+                target.clone(),
+                resume,
+                started,
+                &args,
                 &probe,
-                op,
             )
             .await;
-            r.print(f, cores, &probe.rss());
-            r.require_clean(&args);
+            r.report(f, cores, &probe.rss(), &args);
         }
     }
     drop(servers);

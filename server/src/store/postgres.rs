@@ -183,7 +183,7 @@ impl PgConn {
     }
 }
 
-/// A client (the connection, a transaction or a savepoint) with its connection's prepared
+/// A client (the connection or a transaction) with its connection's prepared
 /// statements: the same calls as [`GenericClient`], each running a cached statement.
 struct Db<'a, C> {
     c: &'a mut C,
